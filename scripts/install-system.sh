@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Installs what botwall needs from Debian on a fresh machine, as root, and
+# nothing when it is all there already (a second run only checks).
+set -euo pipefail
+
+packages=(
+  python3-bpfcc bpftool iproute2 libbpf1 python3-venv python3-dev
+  linux-headers-amd64
+  # real peers and tools used by the tests and the lab
+  openssl curl nginx tshark tcpdump gnutls-bin golang-go nodejs
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-system: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  # tshark asks whether non-root users may capture; the default answer is fine.
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "install-system: Debian packages already installed"
+fi
+
+# BCC compiles against /lib/modules/$(uname -r)/build. When the running kernel
+# has no header package of its own (a cloud or VM kernel), Debian's generic
+# headers compile and load networking programs: the BPF ABI and the structs
+# XDP and tc programs touch are stable uapi, and the program is verified
+# against the running kernel's BTF at load time.
+kernel=$(uname -r)
+build=/lib/modules/$kernel/build
+if [ ! -e "$build/include" ]; then
+  headers=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$headers" ] || [ -z "$common" ]; then
+    echo "install-system: no kernel headers under /usr/src to link for $kernel" >&2
+    exit 1
+  fi
+  mkdir -p "/lib/modules/$kernel"
+  ln -sfn "$headers" "$build"
+  ln -sfn "$common" "/lib/modules/$kernel/source"
+  echo "install-system: kernel $kernel has no header package; linked $headers as its build dir"
+  echo "install-system: and $common as its source dir (Debian's generic headers, see README)"
+fi
+
+# BPF filesystem for pinned verdict maps.
+if ! mountpoint -q /sys/fs/bpf; then
+  mount -t bpf bpf /sys/fs/bpf
+  echo "install-system: mounted bpffs on /sys/fs/bpf"
+fi
