@@ -19,9 +19,6 @@
 #ifndef MAX_IPV6_EXT_HEADERS
 #define MAX_IPV6_EXT_HEADERS 6
 #endif
-#ifndef MAX_TCP_OPTIONS
-#define MAX_TCP_OPTIONS 16 /* option kinds recorded from a SYN, in order */
-#endif
 #ifndef HELLO_MAX_SEGMENTS
 #define HELLO_MAX_SEGMENTS 2 /* a ClientHello larger than one MTU spans two */
 #endif
@@ -57,6 +54,7 @@
 #endif
 
 #define REASON_LEN 48
+#define TCP_OPTIONS_MAX_BYTES 40 /* doff 15: 60-byte header, 20 fixed */
 #define PAYLOAD_MAX_BYTES HELLO_MAX_BYTES /* the larger of the two captures */
 
 /* ---- addresses and keys ---- */
@@ -234,12 +232,13 @@ enum syn_quirk {
 	QUIRK_ACK_NONZERO = 1 << 2, /* ACK number non-zero without the ACK flag */
 	QUIRK_URG_NONZERO = 1 << 3, /* urgent pointer non-zero without URG */
 	QUIRK_DATA = 1 << 4, /* payload in the SYN (TCP Fast Open) */
-	QUIRK_OPTIONS_TRUNCATED = 1 << 5, /* options ran past the header */
+	QUIRK_OPTIONS_TRUNCATED = 1 << 5, /* options ran past the header: set by user space */
 	QUIRK_IP_ID_ZERO = 1 << 6, /* IPv4 ID zero with DF set */
 	QUIRK_FLOW_LABEL = 1 << 7, /* IPv6 flow label non-zero */
 };
 
-/* Bump and update sensor/abi.py + sensor/events.py on any change. */
+/* Bump and update sensor/abi.py + sensor/events.py on any change.
+ * The TCP options travel raw; sensor/events.py decodes them. */
 #define SYN_EVENT_VERSION 1
 struct syn_event {
 	struct event_header hdr;
@@ -247,17 +246,14 @@ struct syn_event {
 	__u32 seq;
 	__u16 ip_id; /* IPv4 only */
 	__u16 window;
-	__u16 mss; /* 0: no MSS option */
-	__u16 quirks; /* enum syn_quirk */
+	__u16 quirks; /* enum syn_quirk, as far as the kernel sees them */
 	__u16 ip_total_len;
 	__u16 payload_len;
 	__u8 ttl; /* or IPv6 hop limit */
 	__u8 df; /* IPv4 don't-fragment; 1 for IPv6, which never fragments en route */
-	__u8 wscale; /* 255: no window scale option */
 	__u8 tcp_flags; /* the flags byte: CWR ECE URG ACK PSH RST SYN FIN */
-	__u8 option_count;
-	__u8 options_len; /* bytes of TCP options */
-	__u8 options[MAX_TCP_OPTIONS]; /* option kinds in wire order */
+	__u8 options_len; /* bytes of TCP options in options[] */
+	__u8 options[TCP_OPTIONS_MAX_BYTES]; /* raw, as on the wire */
 	__u8 pad[2];
 };
 

@@ -13,7 +13,7 @@ import ipaddress
 from ctypes import c_char, c_uint8, c_uint16, c_uint32, c_uint64
 
 REASON_LEN = 48
-MAX_TCP_OPTIONS = 16
+TCP_OPTIONS_MAX_BYTES = 40
 HELLO_MAX_SEGMENTS = 2
 HELLO_MAX_BYTES = 4096
 HELLOS_PER_FLOW = 2
@@ -191,17 +191,14 @@ class SynEvent(ctypes.Structure):
         ("seq", c_uint32),
         ("ip_id", c_uint16),
         ("window", c_uint16),
-        ("mss", c_uint16),
         ("quirks", c_uint16),
         ("ip_total_len", c_uint16),
         ("payload_len", c_uint16),
         ("ttl", c_uint8),
         ("df", c_uint8),
-        ("wscale", c_uint8),
         ("tcp_flags", c_uint8),
-        ("option_count", c_uint8),
         ("options_len", c_uint8),
-        ("options", c_uint8 * MAX_TCP_OPTIONS),
+        ("options", c_uint8 * TCP_OPTIONS_MAX_BYTES),
         ("pad", c_uint8 * 2),
     ]
 

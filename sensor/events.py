@@ -226,9 +226,54 @@ def decode(record: bytes, stats: DecodeStats | None = None) -> Event | None:
     return event
 
 
+@dataclass(frozen=True, slots=True)
+class TcpOptions:
+    """A SYN's TCP options decoded from their raw bytes."""
+
+    kinds: tuple[int, ...]  # in wire order, NOP (1) and a final EOL (0) included
+    mss: int | None
+    wscale: int | None
+    truncated: bool  # an option's length ran past the option bytes
+
+
+MAX_OPTION_KINDS = 16  # kinds recorded per SYN; real stacks send at most ~10
+
+
+def decode_tcp_options(raw: bytes) -> TcpOptions:
+    """Walk TCP option bytes as a receiver would; never raises.
+
+    Kinds are recorded up to the end-of-list option, the first malformed
+    length, or MAX_OPTION_KINDS options, whichever comes first."""
+    kinds: list[int] = []
+    mss: int | None = None
+    wscale: int | None = None
+    at = 0
+    while at < len(raw) and len(kinds) < MAX_OPTION_KINDS:
+        kind = raw[at]
+        kinds.append(kind)
+        if kind == 0:  # end of option list
+            break
+        if kind == 1:  # no-operation: one byte
+            at += 1
+            continue
+        if at + 1 >= len(raw) or raw[at + 1] < 2 or at + raw[at + 1] > len(raw):
+            return TcpOptions(tuple(kinds), mss, wscale, truncated=True)
+        length = raw[at + 1]
+        if kind == 2 and length == 4:
+            mss = int.from_bytes(raw[at + 2 : at + 4], "big")
+        elif kind == 3 and length == 3:
+            wscale = raw[at + 2]
+        at += length
+    return TcpOptions(tuple(kinds), mss, wscale, truncated=False)
+
+
 def _decode_syn(record: bytes, hdr: abi.EventHeader) -> SynEvent | None:
     raw = abi.SynEvent.from_buffer_copy(record[: ctypes.sizeof(abi.SynEvent)])
-    count = min(raw.option_count, abi.MAX_TCP_OPTIONS)
+    options_len = min(raw.options_len, abi.TCP_OPTIONS_MAX_BYTES)
+    options = decode_tcp_options(bytes(raw.options[:options_len]))
+    quirks = SynQuirk(raw.quirks)
+    if options.truncated:
+        quirks |= SynQuirk.OPTIONS_TRUNCATED
     return SynEvent(
         ts_ns=hdr.ts_ns,
         flow=flow_from_abi(raw.flow),
@@ -237,11 +282,11 @@ def _decode_syn(record: bytes, hdr: abi.EventHeader) -> SynEvent | None:
         df=bool(raw.df),
         ip_id=raw.ip_id,
         window=raw.window,
-        mss=raw.mss or None,
-        wscale=None if raw.wscale == 255 else raw.wscale,
-        options=tuple(raw.options[:count]),
-        options_len=raw.options_len,
-        quirks=SynQuirk(raw.quirks),
+        mss=options.mss,
+        wscale=options.wscale,
+        options=options.kinds,
+        options_len=options_len,
+        quirks=quirks,
         tcp_flags=raw.tcp_flags,
         ip_total_len=raw.ip_total_len,
         payload_len=raw.payload_len,

@@ -1,0 +1,57 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Every map of the sensor, each with a one-line comment: key -> value, units.
+ *
+ * Verdict maps and the config are pinned under PIN_DIR: BCC opens a pinned map
+ * when the path exists and creates and pins it otherwise, so an agent that
+ * restarts finds its verdicts (and the kernel keeps enforcing them while it is
+ * down). Everything else is recreated with each load.
+ */
+#ifndef BOTWALL_MAPS_H
+#define BOTWALL_MAPS_H
+
+#include "common.h"
+
+/* ---- verdicts (writer: sensor/verdicts.py) ---- */
+
+/* client address -> verdict: passes, skipping block, throttle and tarpit */
+BPF_TABLE_PINNED("hash", union addr16, struct verdict, allow_addr, VERDICT_TABLE_SIZE,
+		 PIN_DIR "/allow_addr");
+/* CIDR -> verdict: as allow_addr, for a prefix */
+BPF_TABLE_PINNED("lpm_trie", struct lpm_key, struct verdict, allow_cidr, CIDR_TABLE_SIZE,
+		 PIN_DIR "/allow_cidr", BPF_F_NO_PREALLOC);
+/* client address -> verdict: drop every packet to a watched port */
+BPF_TABLE_PINNED("hash", union addr16, struct verdict, block_addr, VERDICT_TABLE_SIZE,
+		 PIN_DIR "/block_addr");
+/* CIDR -> verdict: drop, for a prefix */
+BPF_TABLE_PINNED("lpm_trie", struct lpm_key, struct verdict, block_cidr, CIDR_TABLE_SIZE,
+		 PIN_DIR "/block_cidr", BPF_F_NO_PREALLOC);
+/* client->server 5-tuple -> verdict: drop one connection */
+BPF_TABLE_PINNED("hash", struct flow_tuple, struct verdict, block_flow, VERDICT_TABLE_SIZE,
+		 PIN_DIR "/block_flow");
+/* client address -> token buckets (new connections/s, packets/s) */
+BPF_TABLE_PINNED("hash", union addr16, struct throttle_entry, throttle, VERDICT_TABLE_SIZE,
+		 PIN_DIR "/throttle");
+/* client address -> SYNs to drop per new connection */
+BPF_TABLE_PINNED("hash", union addr16, struct tarpit_entry, tarpit, VERDICT_TABLE_SIZE,
+		 PIN_DIR "/tarpit");
+/* 0 -> runtime knobs, including which verdict maps may hold entries */
+BPF_TABLE_PINNED("array", __u32, struct config, config, 1, PIN_DIR "/config");
+
+/* ---- kernel-written state ---- */
+
+/* server port -> enum watch_flag (0: not watched) */
+BPF_ARRAY(watched_ports, __u8, 65536);
+/* client->server 5-tuple of a tarpitted source -> SYNs dropped so far */
+BPF_TABLE("lru_hash", struct flow_tuple, __u32, tarpit_syns, VERDICT_TABLE_SIZE);
+/* client->server 5-tuple -> flow counters and timing (ns, bytes, µs) */
+BPF_TABLE("lru_hash", struct flow_tuple, struct flow_state, flows, FLOW_TABLE_SIZE);
+/* client address -> SYNs, flows, packets seen on watched ports */
+BPF_TABLE("lru_hash", union addr16, struct source_state, sources, SOURCE_TABLE_SIZE);
+/* enum counter_id -> count, per CPU */
+BPF_PERCPU_ARRAY(counters, __u64, CTR_MAX);
+/* 0 -> scratch record for variable-length payload events (the stack is 512 bytes) */
+BPF_PERCPU_ARRAY(payload_scratch, struct payload_event, 1);
+/* every observation record, see enum event_type */
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+#endif /* BOTWALL_MAPS_H */

@@ -1,0 +1,573 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* The sensor's two programs: XDP ingress (parse -> enforce -> observe, one exit
+ * that counts the result) and tc egress (the server's side of each flow).
+ *
+ * It never decides: it applies verdicts user space wrote and reports what it saw.
+ * Failure policy: fail open. A packet it cannot parse, a map it cannot update,
+ * a record the ring buffer cannot take: the packet passes and a counter says so.
+ * Only traffic to a watched server port is enforced or observed, so SSH and
+ * other services on the host are never cut off by a bot verdict.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "common.h"
+#include "parsing.h"
+#include "maps.h"
+
+/* Map calls must be written in this file: BCC rewrites table.lookup() and
+ * friends into map helpers only in the main source file, not in headers. */
+
+static __always_inline void count(__u32 id)
+{
+	__u64 *value = counters.lookup(&id);
+
+	if (value)
+		*value += 1;
+}
+
+static __always_inline void fill_header(struct event_header *hdr, __u16 type, __u16 version,
+					__u32 length, __u64 now)
+{
+	hdr->type = type;
+	hdr->version = version;
+	hdr->length = length;
+	hdr->ts_ns = now;
+}
+
+static __always_inline void emit_flow_end(struct flow_tuple *flow, struct flow_state *fs,
+					  __u8 reason, __u64 now)
+{
+	struct flow_end_event *ev = events.ringbuf_reserve(sizeof(*ev));
+
+	if (!ev) {
+		count(CTR_EVENT_LOST);
+		return;
+	}
+	fill_header(&ev->hdr, EVENT_FLOW_END, FLOW_END_EVENT_VERSION, sizeof(*ev), now);
+	ev->flow = *flow;
+	__builtin_memcpy(&ev->state, fs, sizeof(ev->state));
+	ev->reason = reason;
+	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
+	events.ringbuf_submit(ev, 0);
+	count(CTR_EVENT_FLOW_END);
+}
+
+
+static __always_inline int is_client_syn(const struct tcphdr *tcp)
+{
+	return tcp->syn && !tcp->ack;
+}
+
+/* A verdict applies until its expiry, measured in kernel time. */
+static __always_inline int verdict_live(const struct verdict *v, __u64 now)
+{
+	if (now < v->expires_ns)
+		return 1;
+	count(CTR_VERDICT_EXPIRED);
+	return 0;
+}
+
+/* Generic cell rate algorithm: one timestamp per bucket, no division.
+ * See struct throttle_entry in common.h. */
+static __always_inline int gcra_conforms(__u64 *tat, __u64 interval, __u64 tolerance, __u64 now)
+{
+	__u64 t = *tat;
+
+	if (!interval)
+		return 1;
+	if (t < now)
+		t = now;
+	if (t - now > tolerance)
+		return 0;
+	*tat = t + interval;
+	return 1;
+}
+
+/* Allow -> block (address, CIDR, flow) -> throttle -> tarpit.
+ * Returns the counter that names the outcome. */
+static __always_inline __u32 enforce(struct packet *pkt, __u64 now)
+{
+	union addr16 *src = &pkt->flow.saddr;
+	struct lpm_key prefix = {.prefixlen = 128};
+	struct throttle_entry *throttled;
+	struct tarpit_entry *tarpitted;
+	struct verdict *v;
+	struct config *cfg;
+	__u32 zero = 0;
+	__u32 kinds;
+
+	/* Empty verdict maps are skipped without a lookup: user space sets a
+	 * kind's bit before it writes the first entry of that kind. */
+	cfg = config.lookup(&zero);
+	kinds = cfg ? cfg->verdict_kinds : 0;
+	if (!kinds)
+		return CTR_PASS;
+	if (kinds & (VERDICT_ALLOW_CIDR | VERDICT_BLOCK_CIDR))
+		__builtin_memcpy(&prefix.addr, src, sizeof(prefix.addr));
+
+	if (kinds & VERDICT_ALLOW) {
+		v = allow_addr.lookup(src);
+		if (v && verdict_live(v, now)) {
+			count(CTR_HIT_ALLOW);
+			return CTR_PASS_ALLOWED;
+		}
+	}
+	if (kinds & VERDICT_ALLOW_CIDR) {
+		v = allow_cidr.lookup(&prefix);
+		if (v && verdict_live(v, now)) {
+			count(CTR_HIT_ALLOW_CIDR);
+			return CTR_PASS_ALLOWED;
+		}
+	}
+	if (kinds & VERDICT_BLOCK) {
+		v = block_addr.lookup(src);
+		if (v && verdict_live(v, now))
+			return CTR_DROP_BLOCK;
+	}
+	if (kinds & VERDICT_BLOCK_CIDR) {
+		v = block_cidr.lookup(&prefix);
+		if (v && verdict_live(v, now))
+			return CTR_DROP_BLOCK_CIDR;
+	}
+	if (kinds & VERDICT_BLOCK_FLOW) {
+		v = block_flow.lookup(&pkt->flow);
+		if (v && verdict_live(v, now))
+			return CTR_DROP_BLOCK_FLOW;
+	}
+	if (kinds & VERDICT_THROTTLE) {
+		throttled = throttle.lookup(src);
+		if (throttled && verdict_live(&throttled->v, now)) {
+			count(CTR_HIT_THROTTLE);
+			if (is_client_syn(pkt->tcp) &&
+			    !gcra_conforms(&throttled->conn_tat_ns, throttled->conn_interval_ns,
+					   throttled->conn_tolerance_ns, now))
+				return CTR_DROP_THROTTLE_CONN;
+			if (!gcra_conforms(&throttled->pkt_tat_ns, throttled->pkt_interval_ns,
+					   throttled->pkt_tolerance_ns, now))
+				return CTR_DROP_THROTTLE_PKT;
+		}
+	}
+	if ((kinds & VERDICT_TARPIT) && is_client_syn(pkt->tcp)) {
+		tarpitted = tarpit.lookup(src);
+		if (tarpitted && verdict_live(&tarpitted->v, now)) {
+			__u32 first = 1, seen;
+			__u32 *dropped;
+
+			count(CTR_HIT_TARPIT);
+			/* Count SYNs per connection: the retransmissions of one connect()
+			 * share its 5-tuple, a new connect() gets a new source port. */
+			dropped = tarpit_syns.lookup(&pkt->flow);
+			if (dropped) {
+				seen = *dropped + 1;
+				*dropped = seen;
+			} else {
+				seen = first;
+				tarpit_syns.update(&pkt->flow, &first);
+			}
+			if (seen <= tarpitted->syns_to_drop)
+				return CTR_DROP_TARPIT;
+		}
+	}
+	return CTR_PASS;
+}
+
+static __always_inline void emit_syn(struct xdp_md *ctx, struct packet *pkt, __u64 now)
+{
+	struct tcphdr *tcp = pkt->tcp;
+	struct syn_event *ev;
+	__u32 olen;
+	__u16 quirks = 0;
+
+	ev = events.ringbuf_reserve(sizeof(*ev));
+	if (!ev) {
+		count(CTR_EVENT_LOST);
+		return;
+	}
+	fill_header(&ev->hdr, EVENT_SYN, SYN_EVENT_VERSION, sizeof(*ev), now);
+	ev->flow = pkt->flow;
+	ev->seq = bpf_ntohl(tcp->seq);
+	ev->ip_id = pkt->flow.ip_version == 4 ? pkt->ip_id : 0;
+	ev->window = bpf_ntohs(tcp->window);
+	ev->ip_total_len = pkt->ip_total_len;
+	ev->payload_len = pkt->payload_len;
+	ev->ttl = pkt->ttl;
+	ev->df = pkt->df;
+	ev->tcp_flags = ((__u8 *)tcp)[13];
+	__builtin_memset(ev->options, 0, sizeof(ev->options));
+
+	/* The raw option bytes go to user space, which decodes kinds, MSS and
+	 * window scale (sensor/events.py): walking options here costs verifier
+	 * complexity for nothing the kernel needs. */
+	olen = tcp->doff * 4 - sizeof(*tcp);
+	if (olen > TCP_OPTIONS_MAX_BYTES)
+		olen = TCP_OPTIONS_MAX_BYTES;
+	ev->options_len = olen;
+	if (olen > 0 && bpf_xdp_load_bytes(ctx, pkt->payload_offset - olen, ev->options, olen) < 0)
+		ev->options_len = 0;
+
+	if (tcp->ece && tcp->cwr)
+		quirks |= QUIRK_ECN_SETUP;
+	if (pkt->ecn)
+		quirks |= QUIRK_ECN_IP;
+	if (!tcp->ack && tcp->ack_seq)
+		quirks |= QUIRK_ACK_NONZERO;
+	if (!tcp->urg && tcp->urg_ptr)
+		quirks |= QUIRK_URG_NONZERO;
+	if (pkt->payload_len)
+		quirks |= QUIRK_DATA;
+	if (pkt->flow.ip_version == 4 && pkt->df && pkt->ip_id == 0)
+		quirks |= QUIRK_IP_ID_ZERO;
+	if (pkt->flow_label_set)
+		quirks |= QUIRK_FLOW_LABEL;
+	ev->quirks = quirks;
+
+	events.ringbuf_submit(ev, 0);
+	count(CTR_EVENT_SYN);
+}
+
+/* Copies up to max_len bytes of the segment's payload into a ring-buffer
+ * record. Returns the number of bytes it set out to capture, whether or not
+ * the ring buffer took the record, so per-flow accounting does not depend on
+ * user space keeping up. */
+static __always_inline __u32 emit_payload(struct xdp_md *ctx, struct packet *pkt, __u16 type,
+					  __u32 max_len, __u8 hello_index, __u8 segment_index,
+					  __u64 now)
+{
+	struct payload_event *rec;
+	__u32 zero = 0, len;
+
+	len = pkt->payload_len;
+	if (len > max_len)
+		len = max_len;
+	if (len > PAYLOAD_MAX_BYTES)
+		len = PAYLOAD_MAX_BYTES;
+	if (len == 0)
+		return 0;
+
+	rec = payload_scratch.lookup(&zero);
+	if (!rec)
+		return len;
+	fill_header(&rec->hdr, type, PAYLOAD_EVENT_VERSION,
+		    offsetof(struct payload_event, data) + len, now);
+	rec->flow = pkt->flow;
+	rec->seq = bpf_ntohl(pkt->tcp->seq);
+	rec->payload_len = pkt->payload_len;
+	rec->captured_len = len;
+	rec->hello_index = hello_index;
+	rec->segment_index = segment_index;
+	rec->pad[0] = 0;
+	rec->pad[1] = 0;
+	if (bpf_xdp_load_bytes(ctx, pkt->payload_offset, rec->data, len) < 0) {
+		count(CTR_PAYLOAD_READ_ERROR);
+		return len;
+	}
+	if (events.ringbuf_output(rec, offsetof(struct payload_event, data) + len, 0) < 0) {
+		count(CTR_EVENT_LOST);
+		return len;
+	}
+	count(type == EVENT_HELLO ? CTR_EVENT_HELLO : CTR_EVENT_HTTP_REQUEST);
+	return len;
+}
+
+#define TLS_HEAD_BYTES 16
+union segment_head {
+	__u8 b[TLS_HEAD_BYTES];
+	__u64 w[2];
+};
+
+/* Byte k of the head, read out of the two words: indexing the byte array at
+ * two candidate offsets makes clang select between stack pointers, which the
+ * verifier refuses. */
+#define HEAD_BYTE(h, k) ((__u8)((h)->w[(k) / 8] >> (8 * ((k) % 8))))
+#define HANDSHAKE_LEN(h, at) \
+	((HEAD_BYTE(h, at) << 16) | (HEAD_BYTE(h, (at) + 1) << 8) | HEAD_BYTE(h, (at) + 2))
+
+/* If the segment begins with a TLS record carrying a ClientHello, returns how
+ * many bytes the segment needs to hold the whole hello in that record: at
+ * offset 0, or at 6 behind a ChangeCipherSpec record (the second ClientHello
+ * after a HelloRetryRequest in middlebox-compatibility mode). 0 if none. */
+static __always_inline __u32 client_hello_end(const union segment_head *h, __u32 len)
+{
+	if (len >= 9 && HEAD_BYTE(h, 0) == 0x16 && HEAD_BYTE(h, 1) == 0x03 &&
+	    HEAD_BYTE(h, 5) == 0x01)
+		return 9 + HANDSHAKE_LEN(h, 6);
+	if (len >= 15 && HEAD_BYTE(h, 0) == 0x14 && HEAD_BYTE(h, 1) == 0x03 &&
+	    HEAD_BYTE(h, 2) == 0x03 && HEAD_BYTE(h, 3) == 0 && HEAD_BYTE(h, 4) == 1 &&
+	    HEAD_BYTE(h, 5) == 1 && HEAD_BYTE(h, 6) == 0x16 && HEAD_BYTE(h, 7) == 0x03 &&
+	    HEAD_BYTE(h, 11) == 0x01)
+		return 15 + HANDSHAKE_LEN(h, 12);
+	return 0;
+}
+
+static __always_inline void capture_hello(struct xdp_md *ctx, struct packet *pkt,
+					  struct flow_state *fs, const union segment_head *head,
+					  __u64 now)
+{
+	__u32 captured, hello_end;
+
+	/* The ClientHello began in the previous segment: take this one too. */
+	if ((fs->flags & FLOW_HELLO_OPEN) && fs->hello_segments < HELLO_MAX_SEGMENTS &&
+	    fs->hello_bytes < HELLO_MAX_BYTES) {
+		__u8 segment = fs->hello_segments + 1;
+
+		captured = emit_payload(ctx, pkt, EVENT_HELLO, HELLO_MAX_BYTES - fs->hello_bytes,
+					fs->hellos, segment, now);
+		fs->hello_segments = segment;
+		fs->hello_bytes += captured;
+		fs->flags &= ~FLOW_HELLO_OPEN;
+		return;
+	}
+	if (fs->hellos >= HELLOS_PER_FLOW)
+		return;
+	hello_end = client_hello_end(head, pkt->payload_len);
+	if (!hello_end)
+		return;
+
+	fs->hellos++;
+	captured = emit_payload(ctx, pkt, EVENT_HELLO, HELLO_MAX_BYTES, fs->hellos, 1, now);
+	fs->hello_segments = 1;
+	fs->hello_bytes = captured;
+	if (pkt->payload_len < hello_end)
+		fs->flags |= FLOW_HELLO_OPEN;
+	else
+		fs->flags &= ~FLOW_HELLO_OPEN;
+}
+
+/* The first four bytes of every HTTP/1.x method we expect on an API. */
+static __always_inline int starts_with_http_method(const union segment_head *head)
+{
+	__u32 word = (__u32)head->w[0];
+
+#define WORD(a, b, c, d) ((a) | ((b) << 8) | ((c) << 16) | ((__u32)(d) << 24))
+	switch (word) {
+	case WORD('G', 'E', 'T', ' '):
+	case WORD('P', 'O', 'S', 'T'):
+	case WORD('P', 'U', 'T', ' '):
+	case WORD('H', 'E', 'A', 'D'):
+	case WORD('D', 'E', 'L', 'E'):
+	case WORD('P', 'A', 'T', 'C'):
+	case WORD('O', 'P', 'T', 'I'):
+	case WORD('C', 'O', 'N', 'N'):
+	case WORD('T', 'R', 'A', 'C'):
+		return 1;
+	}
+#undef WORD
+	return 0;
+}
+
+static __always_inline struct source_state *touch_source(union addr16 *src, __u64 now)
+{
+	struct source_state *ss = sources.lookup(src);
+
+	if (!ss) {
+		struct source_state fresh = {.first_ns = now};
+
+		sources.update(src, &fresh);
+		ss = sources.lookup(src);
+		if (!ss)
+			return 0;
+	}
+	ss->last_ns = now;
+	ss->packets++;
+	return ss;
+}
+
+static __always_inline void observe(struct xdp_md *ctx, struct packet *pkt, __u8 watch, __u64 now)
+{
+	struct tcphdr *tcp = pkt->tcp;
+	int syn = is_client_syn(tcp);
+	union segment_head head = {};
+	struct source_state *ss;
+	struct flow_state *fs;
+	__u32 head_len;
+
+	ss = touch_source(&pkt->flow.saddr, now);
+	if (syn) {
+		if (ss)
+			ss->syns++;
+		emit_syn(ctx, pkt, now);
+	}
+
+	fs = flows.lookup(&pkt->flow);
+	if (fs) {
+		if (syn)
+			fs->syn_count++;
+	} else {
+		struct flow_state fresh = {.first_ns = now};
+
+		/* Only a SYN or data opens a flow: a stray ACK or FIN of a flow we
+		 * already closed must not leave state behind to time out. */
+		if (!syn && !pkt->payload_len)
+			return;
+		if (syn) {
+			fresh.flags = FLOW_SEEN_SYN;
+			fresh.syn_count = 1;
+		}
+		if (flows.update(&pkt->flow, &fresh) < 0) {
+			count(CTR_FLOW_TABLE_FULL);
+			return;
+		}
+		fs = flows.lookup(&pkt->flow);
+		if (!fs)
+			return;
+		if (ss)
+			ss->flows++;
+	}
+
+	fs->packets++;
+	fs->last_ns = now;
+	if (pkt->payload_len) {
+		fs->bytes += pkt->payload_len;
+		fs->data_segments++;
+		if (fs->last_data_ns) {
+			__u64 gap_us = (now - fs->last_data_ns) / 1000;
+
+			if (gap_us > GAP_CAP_US)
+				gap_us = GAP_CAP_US;
+			fs->gap_count++;
+			fs->gap_sum_us += gap_us;
+			fs->gap_sumsq_us2 += gap_us * gap_us;
+		}
+		fs->last_data_ns = now;
+
+		head_len = pkt->payload_len < TLS_HEAD_BYTES ? pkt->payload_len : TLS_HEAD_BYTES;
+		if (bpf_xdp_load_bytes(ctx, pkt->payload_offset, head.b, head_len) < 0)
+			__builtin_memset(&head, 0, sizeof(head));
+		if (watch & WATCH_TLS)
+			capture_hello(ctx, pkt, fs, &head, now);
+		if ((watch & WATCH_HTTP) && pkt->payload_len >= 4 && starts_with_http_method(&head))
+			emit_payload(ctx, pkt, EVENT_HTTP_REQUEST, HTTP_HEAD_MAX_BYTES, 0, 0, now);
+	}
+
+	if (tcp->fin || tcp->rst) {
+		emit_flow_end(&pkt->flow, fs, tcp->rst ? FLOW_END_RST : FLOW_END_FIN, now);
+		flows.delete(&pkt->flow);
+	}
+}
+
+int botwall_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 result = CTR_PASS_NOT_WATCHED;
+	struct packet pkt = {};
+	int action = XDP_PASS;
+	__u32 port;
+	__u8 *watch;
+	__u64 now;
+	int rc;
+
+	rc = parse_packet(data, data_end, &pkt);
+	if (rc != 0) {
+		if (rc == PARSE_FRAGMENT)
+			result = CTR_PASS_FRAGMENT;
+		else if (rc < 0)
+			result = CTR_PASS_MALFORMED;
+		goto out;
+	}
+	port = pkt.flow.dport;
+	watch = watched_ports.lookup(&port);
+	if (!watch || !*watch)
+		goto out;
+
+	now = bpf_ktime_get_ns();
+	result = enforce(&pkt, now);
+	if (result >= CTR_DROP_BLOCK && result <= CTR_DROP_TARPIT) {
+		action = XDP_DROP;
+		goto out;
+	}
+	observe(ctx, &pkt, *watch, now);
+out:
+	count(result);
+	return action;
+}
+
+/* ---- tc egress: what the server sends back on watched ports ----
+ *
+ * Server-to-client packets and bytes go into the client's flow (looked up by
+ * the reversed tuple); the status line of a plaintext HTTP response becomes an
+ * event, so the control plane sees 401, 403, 404 and 429; a server RST ends
+ * the flow. It never drops: every path returns TC_ACT_OK. It lives in this
+ * file because it shares the flow table and the ring buffer, and BCC shares
+ * maps between programs of one object.
+ */
+
+#define STATUS_LINE_BYTES 12 /* "HTTP/1.1 200" */
+
+static __always_inline int digit(__u8 c)
+{
+	return c >= '0' && c <= '9';
+}
+
+static __always_inline void emit_http_response(struct flow_tuple *flow, struct flow_state *fs,
+					       __u16 status, __u16 payload_len, __u64 now)
+{
+	struct http_response_event *ev = events.ringbuf_reserve(sizeof(*ev));
+
+	if (!ev) {
+		count(CTR_EVENT_LOST);
+		return;
+	}
+	fill_header(&ev->hdr, EVENT_HTTP_RESPONSE, HTTP_RESPONSE_EVENT_VERSION, sizeof(*ev), now);
+	ev->flow = *flow;
+	ev->think_ns = fs->last_data_ns ? now - fs->last_data_ns : 0;
+	ev->status = status;
+	ev->payload_len = payload_len;
+	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
+	events.ringbuf_submit(ev, 0);
+	count(CTR_EVENT_HTTP_RESPONSE);
+}
+
+int botwall_tc_egress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u8 line[STATUS_LINE_BYTES];
+	struct flow_tuple client;
+	struct packet pkt = {};
+	struct flow_state *fs;
+	__u32 port;
+	__u8 *watch;
+	__u64 now;
+
+	if (parse_packet(data, data_end, &pkt) != 0)
+		return TC_ACT_OK;
+	port = pkt.flow.sport;
+	watch = watched_ports.lookup(&port);
+	if (!watch || !*watch)
+		return TC_ACT_OK;
+	count(CTR_EGRESS_PACKETS);
+
+	/* Flows are keyed client -> server. */
+	client.saddr = pkt.flow.daddr;
+	client.daddr = pkt.flow.saddr;
+	client.sport = pkt.flow.dport;
+	client.dport = pkt.flow.sport;
+	client.ip_version = pkt.flow.ip_version;
+	client.pad[0] = client.pad[1] = client.pad[2] = 0;
+	fs = flows.lookup(&client);
+	if (!fs) {
+		count(CTR_EGRESS_NO_FLOW);
+		return TC_ACT_OK;
+	}
+	now = bpf_ktime_get_ns();
+	fs->server_packets++;
+	fs->server_bytes += pkt.payload_len;
+
+	if ((*watch & WATCH_HTTP) && pkt.payload_len >= STATUS_LINE_BYTES &&
+	    bpf_skb_load_bytes(skb, pkt.payload_offset, line, sizeof(line)) == 0 &&
+	    line[0] == 'H' && line[1] == 'T' && line[2] == 'T' && line[3] == 'P' && line[4] == '/' &&
+	    line[5] == '1' && line[6] == '.' && line[8] == ' ' && digit(line[9]) &&
+	    digit(line[10]) && digit(line[11])) {
+		__u16 status = (line[9] - '0') * 100 + (line[10] - '0') * 10 + (line[11] - '0');
+
+		emit_http_response(&client, fs, status, pkt.payload_len, now);
+	}
+
+	if (pkt.tcp->rst) {
+		emit_flow_end(&client, fs, FLOW_END_SERVER_RST, now);
+		flows.delete(&client);
+	}
+	return TC_ACT_OK;
+}
