@@ -456,6 +456,16 @@ def _close_tls(tls_sock: ssl.SSLSocket) -> None:
         tls_sock.close()
 
 
+def _requested_status(path: str) -> int:
+    """/status/NNN answers NNN (tests need 401, 404, 429 on demand); all else 200."""
+    parts = path.split("?")[0].strip("/").split("/")
+    if len(parts) == 2 and parts[0] == "status" and parts[1].isdigit():
+        code = int(parts[1])
+        if 200 <= code <= 599:
+            return code
+    return 200
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as real API clients use it
     server_version = "botwall-lab"
@@ -473,8 +483,9 @@ class _Handler(BaseHTTPRequestHandler):
         tls = self.connection.version() if isinstance(self.connection, ssl.SSLSocket) else None
         peer = plain_address(self.client_address[0])
         seen = {"peer": peer, "tls": tls, "method": self.command, "path": self.path}
-        body = (json.dumps({"ok": True, **seen}) + "\n").encode()
-        self.send_response(200)
+        status = _requested_status(self.path)
+        body = (json.dumps({"ok": status < 400, **seen}) + "\n").encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

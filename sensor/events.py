@@ -8,6 +8,7 @@ mis-versioned records are counted in DecodeStats, never raised.
 from __future__ import annotations
 
 import ctypes
+import enum
 import ipaddress
 import math
 from collections import Counter as TallyCounter
@@ -359,3 +360,22 @@ _DECODERS = {
     EventType.FLOW_END: _decode_flow_end,
     EventType.HTTP_RESPONSE: _decode_http_response,
 }
+
+
+def event_to_dict(event: Event) -> dict[str, object]:
+    """A JSON-ready view of an event: addresses as text, payload bytes as hex."""
+    out: dict[str, object] = {"type": type(event).__name__}
+    for name in event.__dataclass_fields__:
+        value = getattr(event, name)
+        if isinstance(value, Flow):
+            value = str(value)
+        elif isinstance(value, bytes):
+            value = value.hex()
+        elif isinstance(value, float) and math.isnan(value):
+            value = None
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, enum.Enum):
+            value = value.name if value.name else int(value)
+        out[name] = value
+    return out
