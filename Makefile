@@ -1,22 +1,22 @@
 # botwall: `make test` and `make demo` set everything up on a fresh Debian 12
-# machine (as root) and do nothing twice.
+# machine (as root) and install nothing twice.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: install test test-fast bench demo lint clean
+.PHONY: install system test test-fast bench demo lint clean
 
-install: $(STAMPS)/system $(STAMPS)/venv
+install: system $(STAMPS)/venv
 
-$(STAMPS)/system: scripts/install-system.sh
-	@mkdir -p $(STAMPS)
-	bash scripts/install-system.sh
-	@touch $@
+# Idempotent: checks what is there, installs only what is missing, links the
+# kernel headers BCC needs, mounts bpffs. Cheap enough to run every time.
+system:
+	@bash scripts/install-system.sh
 
 # The venv must come from Debian's python3 (BCC's bindings live there) and see
-# its site-packages.
-$(STAMPS)/venv: pyproject.toml $(STAMPS)/system
+# its site-packages; the PyPI package named "bcc" is unrelated and never used.
+$(STAMPS)/venv: pyproject.toml scripts/install-system.sh
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -24,17 +24,18 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/system
 	@touch $@
 
 test: install
-	bash scripts/install-system.sh
 	$(PY) -m pytest
 
+# Without root or namespaces: fingerprints, replay, models.
 test-fast: install
-	$(PY) -m pytest -m "not netns and not slow"
+	$(PY) -m pytest -m "not kernel and not netns"
 
 bench: install
 	$(PY) -m bench.run
 
 demo: install
-	@echo "make demo arrives with the lab (issue: the lab). Until then: make test, make bench."
+	@echo "make demo arrives with the lab issue; until then: make test, make bench,"
+	@echo "and python -m sensor --iface IF to watch live events."
 
 lint: install
 	$(VENV)/bin/ruff check sensor controlplane lab tests bench
