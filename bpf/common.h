@@ -146,7 +146,7 @@ enum flow_flag {
 
 struct flow_state {
 	__u64 first_ns;
-	__u64 last_ns;
+	__u64 last_ns; /* last packet either way: idle flows end on this */
 	__u64 last_data_ns;
 	__u64 bytes; /* client -> server TCP payload bytes */
 	__u64 server_bytes; /* server -> client TCP payload bytes (tc egress) */

@@ -552,6 +552,7 @@ int botwall_tc_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	now = bpf_ktime_get_ns();
+	fs->last_ns = now;
 	fs->server_packets++;
 	fs->server_bytes += pkt.payload_len;
 

@@ -327,14 +327,10 @@ _FlowKey = tuple[bytes, int, bytes, int]
 class _TrackedFlow:
     flow: Flow
     state: abi.FlowState
-    last_server_ns: int = 0
     # Bytes of the current ClientHello not yet seen on the wire. The kernel
     # needs no such field with two segments (it closes the hello after one
     # continuation); it lets a larger hello_max_segments stop at the hello's end.
     hello_remaining: int = 0
-
-    def last_activity_ns(self) -> int:
-        return max(self.state.last_ns, self.last_server_ns)
 
 
 def _watch_set(ports: Iterable[int] | None) -> frozenset[int] | None:
@@ -426,7 +422,7 @@ class FlowObserver:
         self._clock_ns = ts_ns
         expired_keys = []
         for key, tracked in self._flows.items():
-            if ts_ns - tracked.last_activity_ns() <= self.idle_timeout_ns:
+            if ts_ns - tracked.state.last_ns <= self.idle_timeout_ns:
                 break
             expired_keys.append(key)
         expired = [self._flows.pop(key) for key in expired_keys]
@@ -561,7 +557,7 @@ class FlowObserver:
         payload = seg.payload
         st.server_packets += 1
         st.server_bytes += len(payload)
-        tracked.last_server_ns = seg.ts_ns
+        st.last_ns = seg.ts_ns  # the kernel's tc program does the same
         if self._http_watched(seg.sport):
             status = _http_status(payload)
             if status is not None:

@@ -70,7 +70,7 @@ class BccSensor:
         flows = self._sensor.table("flows")
         ended: list[FlowEnd] = []
         for key, state in list(flows.items()):
-            if now_ns - state.last_ns < self._idle_ns:
+            if now_ns - state.last_ns <= self._idle_ns:
                 continue
             try:
                 del flows[key]
