@@ -86,6 +86,7 @@ class Connection:
     server_port: int
     stage: ConnectionStage
     fingerprint: ClientFingerprint
+    server: IPAddress | None = None  # the address the client connected to
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,4 +378,5 @@ class Observer:
             server_port=flow.dport,
             stage=stage,
             fingerprint=info.fingerprint,
+            server=flow.dst,
         )
