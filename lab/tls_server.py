@@ -36,6 +36,8 @@ HOSTNAME = "api.botwall.test"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0
+# POST /login answers 200 when the body holds this, 401 otherwise.
+LOGIN_SECRET = b"correct-horse"
 
 
 # -- certificates ------------------------------------------------------------
@@ -479,11 +481,21 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._answer(send_body=False)
 
-    def _answer(self, send_body: bool) -> None:
+    def do_POST(self) -> None:
+        # Read the body so keep-alive stays in step; only /login looks at it.
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(min(length, 65536)) if length > 0 else b""
+        status = None
+        if self.path.split("?")[0].rstrip("/").endswith("/login"):
+            status = 200 if LOGIN_SECRET in body else 401
+        self._answer(send_body=True, status=status)
+
+    def _answer(self, send_body: bool, status: int | None = None) -> None:
         tls = self.connection.version() if isinstance(self.connection, ssl.SSLSocket) else None
         peer = plain_address(self.client_address[0])
         seen = {"peer": peer, "tls": tls, "method": self.command, "path": self.path}
-        status = _requested_status(self.path)
+        if status is None:
+            status = _requested_status(self.path)
         body = (json.dumps({"ok": status < 400, **seen}) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
