@@ -1,13 +1,18 @@
-"""Real client stacks (curl, openssl s_client, Python ssl, a bare TCP connect) run from a namespace.
+"""Real client stacks (curl, openssl, gnutls-cli, Python, Node, Go, Chromium) run from a namespace.
 
 Each returns a `ClientResult`. Every call has explicit time limits: the tool's
 own (connect and total) and a hard subprocess limit a little above them, so a
-hung client can never hang a test.
+hung client can never hang a test. The Node and Go clients are the programs in
+lab/stacks/; `lab.splithello` sends a Python ClientHello split in two.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -156,17 +161,21 @@ def openssl_s_client(
     cafile: Path | str | None = None,
     source: str | None = None,
     tls_version: str | None = None,
+    alpn: str | None = "http/1.1",
     path: str = "/",
     timeout: float = 10.0,
     ns: str | None = None,
 ) -> ClientResult:
     """One GET through `openssl s_client`, verifying the chain and the name when `cafile` is set.
 
-    `tls_version` ("1.2" or "1.3") pins the protocol. s_client has no
-    connect timeout of its own: `timeout` bounds the whole run.
+    `tls_version` ("1.2" or "1.3") pins the protocol. `alpn` None sends no
+    ALPN extension, s_client's own default (its JA4 in client_stacks.toml).
+    s_client has no connect timeout of its own: `timeout` bounds the whole run.
     """
     argv = ["openssl", "s_client", "-connect", f"{_url_host(address)}:{port}"]
-    argv += ["-servername", servername, "-quiet", "-alpn", "http/1.1"]
+    argv += ["-servername", servername, "-quiet"]
+    if alpn is not None:
+        argv += ["-alpn", alpn]
     if cafile is not None:
         argv += ["-CAfile", str(cafile), "-verify_return_error", "-verify_hostname", servername]
     if source is not None:
@@ -282,3 +291,259 @@ def tcp_connect(
     )
     elapsed = time.monotonic() - started
     return ClientResult("tcp", outcome == "ok", outcome, elapsed, None, local_address=local)
+
+
+# -- more client stacks: Node, Go, GnuTLS, Chromium, and split ClientHellos ----
+
+STACKS = REPO_ROOT / "lab" / "stacks"
+GO_CLIENT_SOURCE = STACKS / "client.go"
+NODE_CLIENT = STACKS / "client.mjs"
+# Built clients live outside the source tree; the first writable one wins.
+CACHE_DIRS = (Path("/var/cache/botwall"), Path(tempfile.gettempdir()) / f"botwall-{os.getuid()}")
+GO_BUILD_TIMEOUT = 180.0  # a cold build compiles net/http and crypto/tls
+
+
+def _outcome_from_text(text: str) -> str:
+    """Classify a failed run of a client with no machine-readable report of its own."""
+    lowered = text.lower()
+    if "refused" in lowered:
+        return "refused"
+    if "timeout" in lowered or "timed out" in lowered or "deadline exceeded" in lowered:
+        return "timeout"
+    if "unreachable" in lowered:
+        return "unreachable"
+    if "tls" in lowered or "ssl" in lowered or "handshake" in lowered or "certificate" in lowered:
+        return "tls"
+    return "error"
+
+
+def _status_result(
+    tool: str, done: subprocess.CompletedProcess[str] | None, elapsed: float
+) -> ClientResult:
+    """For the lab/stacks clients: stdout is the status line, then the body."""
+    if done is None:
+        return ClientResult(tool, False, "timeout", elapsed, None)
+    status, _, body = done.stdout.partition("\n")
+    ok = done.returncode == 0 and status.strip() == "200"
+    outcome = "ok" if ok else _outcome_from_text(done.stderr)
+    return ClientResult(tool, ok, outcome, elapsed, done.returncode, body, _tail(done.stderr))
+
+
+def _cache_dir() -> Path:
+    for candidate in CACHE_DIRS:
+        with contextlib.suppress(OSError):
+            candidate.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if os.access(candidate, os.W_OK):
+                return candidate
+    raise OSError(f"no writable cache directory among {[str(d) for d in CACHE_DIRS]}")
+
+
+def build_go_client() -> Path:
+    """lab/stacks/client.go built (once per source and Go version) into the cache directory.
+
+    Offline: the program uses only the standard library, so `go build` of the
+    file needs no go.mod and no module proxy. Built in the host namespace;
+    only running it needs the client one.
+    """
+    cache = _cache_dir()
+    env = {
+        **os.environ,
+        # pytest under sudo or CI may have no HOME; Go wants one for its caches.
+        "HOME": os.environ.get("HOME") or str(cache),
+        "GOCACHE": str(cache / "go-build"),
+        "GOPATH": str(cache / "gopath"),
+        "GOPROXY": "off",
+        "GOTOOLCHAIN": "local",  # Go >= 1.21 would otherwise fetch a newer toolchain
+        "GOFLAGS": "",
+        # No cgo: nothing but the Go toolchain is needed, and crypto/tls,
+        # which writes the ClientHello, is pure Go either way.
+        "CGO_ENABLED": "0",
+    }
+    try:
+        version = subprocess.run(
+            ["go", "version"], capture_output=True, text=True, timeout=30, check=True, env=env
+        ).stdout
+    except FileNotFoundError:
+        raise OSError("the Go toolchain is missing: install golang-go") from None
+    digest = hashlib.sha256(GO_CLIENT_SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
+    binary = cache / f"go-client-{digest}"
+    if binary.exists():
+        return binary
+    partial = cache / f".go-client-{digest}-{os.getpid()}"
+    built = subprocess.run(
+        ["go", "build", "-o", str(partial), str(GO_CLIENT_SOURCE)],
+        capture_output=True, text=True, timeout=GO_BUILD_TIMEOUT, check=False, env=env,
+        cwd=cache,
+    )  # fmt: skip
+    if built.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"go build {GO_CLIENT_SOURCE} failed: {_tail(built.stderr)}")
+    os.replace(partial, binary)  # atomic: a concurrent run sees no half-written binary
+    return binary
+
+
+def go_client(
+    topo: Topology,
+    address: str,
+    port: int,
+    *,
+    servername: str = HOSTNAME,
+    path: str = "/",
+    timeout: float = 10.0,
+    ns: str | None = None,
+) -> ClientResult:
+    """One GET from Go's net/http (lab/stacks/client.go) to `address`, SNI `servername`."""
+    argv = [str(build_go_client()), "-connect", address, "-timeout", f"{timeout}s"]
+    argv.append(f"https://{servername}:{port}{path}")
+    done, elapsed = _run(topo, ns, argv, timeout=timeout + GRACE)
+    return _status_result("go", done, elapsed)
+
+
+def node_client(
+    topo: Topology,
+    address: str,
+    port: int,
+    *,
+    mode: str = "https",
+    servername: str = HOSTNAME,
+    path: str = "/",
+    timeout: float = 10.0,
+    ns: str | None = None,
+) -> ClientResult:
+    """One GET from Node.js (lab/stacks/client.mjs): `mode` "https" (https.get) or "fetch"."""
+    if mode not in ("https", "fetch"):
+        raise ValueError(f"mode must be https or fetch, not {mode!r}")
+    argv = ["node", str(NODE_CLIENT), "--mode", mode, "--connect", address]
+    argv += ["--timeout-ms", str(int(timeout * 1000)), f"https://{servername}:{port}{path}"]
+    done, elapsed = _run(topo, ns, argv, timeout=timeout + GRACE)
+    return _status_result(f"node-{mode}", done, elapsed)
+
+
+def gnutls_client(
+    topo: Topology,
+    address: str,
+    port: int,
+    *,
+    servername: str = HOSTNAME,
+    path: str = "/",
+    timeout: float = 10.0,
+    ns: str | None = None,
+) -> ClientResult:
+    """One GET through `gnutls-cli --insecure` with SNI `servername` and its default ALPN (none).
+
+    gnutls-cli has no timeout of its own: `timeout` bounds the whole run.
+    """
+    with tempfile.TemporaryDirectory(prefix="botwall-gnutls-") as tmp:
+        log = Path(tmp) / "log"
+        # --logfile keeps gnutls-cli's own chatter off stdout, which then is the response.
+        argv = ["gnutls-cli", "--insecure", "--sni-hostname", servername, "--logfile", str(log)]
+        argv += ["-p", str(port), address]
+        request = f"GET {path} HTTP/1.1\r\nHost: {servername}\r\nConnection: close\r\n\r\n"
+        done, elapsed = _run(topo, ns, argv, timeout=timeout, stdin=request)
+        chatter = log.read_text(errors="replace") if log.exists() else ""
+    if done is None:
+        return ClientResult("gnutls", False, "timeout", elapsed, None, "", _tail(chatter))
+    head, _, body = done.stdout.partition("\n\n")
+    ok = done.returncode == 0 and head.startswith("HTTP/1.1 200")
+    if ok:
+        outcome = "ok"
+    elif "Handshake was completed" in chatter:
+        outcome = "error"  # TLS worked; the HTTP exchange did not
+    else:
+        outcome = _outcome_from_text(done.stderr + chatter)
+    return ClientResult(
+        "gnutls", ok, outcome, elapsed, done.returncode, body, _tail(done.stderr + chatter)
+    )
+
+
+def _end_session(pid: int) -> None:
+    """Kill what is left of a process group we started with start_new_session."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def chromium_client(
+    topo: Topology,
+    address: str,
+    port: int,
+    *,
+    servername: str = HOSTNAME,
+    path: str = "/",
+    timeout: float = 30.0,
+    ns: str | None = None,
+) -> ClientResult:
+    """Load https://servername:port/path in headless Chromium (Debian's `chromium`) as root.
+
+    --host-resolver-rules maps the name to `address`, so SNI carries the real
+    name; background networking is off, so every connection it makes is the
+    page load's. Body is the DOM it dumps (the JSON answer inside <pre>).
+    """
+    with tempfile.TemporaryDirectory(prefix="botwall-chromium-") as profile:
+        argv = [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--disable-breakpad", "--ignore-certificate-errors",
+            f"--user-data-dir={profile}",
+            f"--host-resolver-rules=MAP {servername} {_url_host(address)}",
+            "--dump-dom", f"https://{servername}:{port}{path}",
+        ]  # fmt: skip
+        started = time.monotonic()
+        # Its own session: the browser's helper processes (zygote, renderer,
+        # network service) are then all ended together by process group.
+        proc = topo.popen(
+            ns or topo.client_ns, argv, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        timed_out = False
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # A helper may hold the pipes after the browser itself exited.
+            timed_out = proc.poll() is None
+            _end_session(proc.pid)
+            stdout, stderr = proc.communicate()
+        finally:
+            _end_session(proc.pid)
+        elapsed = time.monotonic() - started
+    if timed_out:
+        return ClientResult("chromium", False, "timeout", elapsed, None, stdout, _tail(stderr))
+    # An error page is a DOM too; only the lab server's JSON counts as an answer.
+    ok = proc.returncode == 0 and '"ok": true' in stdout
+    outcome = "ok" if ok else _outcome_from_text((stdout + stderr).replace("_", " "))
+    return ClientResult("chromium", ok, outcome, elapsed, proc.returncode, stdout, _tail(stderr))
+
+
+def splithello_client(
+    topo: Topology,
+    address: str,
+    port: int,
+    *,
+    mode: str,
+    sends: int = 1,
+    servername: str = HOSTNAME,
+    timeout: float = 5.0,
+    ns: str | None = None,
+) -> ClientResult:
+    """Python's ClientHello split across two TCP segments or two TLS records (`lab.splithello`).
+
+    ok means the server accepted the split hello: handshake done and GET / answered 200.
+    """
+    argv = [sys.executable, "-m", "lab.splithello", "--mode", mode, "--sends", str(sends)]
+    argv += ["--servername", servername, "--timeout", str(timeout), address, str(port)]
+    done, elapsed = _run(topo, ns, argv, timeout=4 * timeout + GRACE)
+    if done is None:
+        return ClientResult("splithello", False, "timeout", elapsed, None)
+    try:
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        report = {"ok": False, "outcome": "error"}
+    return ClientResult(
+        "splithello",
+        bool(report["ok"]),
+        report["outcome"],
+        elapsed,
+        done.returncode,
+        report.get("body", ""),
+        _tail(done.stderr or report.get("error", "")),
+        report.get("local"),
+    )

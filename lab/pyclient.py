@@ -34,6 +34,24 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
+def tls_context(
+    cafile: str | None = None, insecure: bool = False, tls_max: str | None = None
+) -> ssl.SSLContext:
+    """The client context: Python's defaults plus ALPN http/1.1, as an HTTP/1.1 library sets.
+
+    lab.splithello builds its ClientHello from this too, so a split hello and
+    this client's unsplit one are the same bytes apart from random values.
+    """
+    context = ssl.create_default_context(cafile=cafile)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if tls_max:
+        context.maximum_version = TLS_VERSIONS[tls_max]
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
 def fetch(args: argparse.Namespace) -> dict[str, Any]:
     source = (args.source, 0) if args.source else None
     started = time.monotonic()
@@ -41,13 +59,7 @@ def fetch(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"local": sock.getsockname()[0], "tls": None}
     try:
         if not args.plain:
-            context = ssl.create_default_context(cafile=args.cafile)
-            if args.insecure:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            if args.tls_max:
-                context.maximum_version = TLS_VERSIONS[args.tls_max]
-            context.set_alpn_protocols(["http/1.1"])
+            context = tls_context(cafile=args.cafile, insecure=args.insecure, tls_max=args.tls_max)
             sock = context.wrap_socket(sock, server_hostname=args.servername or args.host)
             result["tls"] = sock.version()
         host = args.servername or args.host

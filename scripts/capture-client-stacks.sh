@@ -92,57 +92,19 @@ elif kind == "python-httpx":
 EOF
 }
 
+# Node and Go: the lab's clients (lab/stacks/), whose --connect/-connect send
+# the connection to loopback while the URL, and so SNI, keep the host name.
 node_client() {
-  node - "$1" "$host" "$port" <<'EOF'
-const [kind, host, port] = process.argv.slice(2);
-const dns = require('dns');
-const realLookup = dns.lookup;
-// net.connect looks up through dns.lookup at call time, for https and fetch alike.
-dns.lookup = (name, opts, cb) => realLookup(name === host ? '127.0.0.1' : name, opts, cb);
-process.env.NODE_TLS_REJECT_UNAUTHORIZED = '0';
-process.removeAllListeners('warning');
-const url = `https://${host}:${port}/`;
-if (kind === 'node-https') {
-  require('https').get(url, (res) => { res.resume(); res.on('end', () => process.exit(0)); })
-    .on('error', () => process.exit(0));
-} else {
-  fetch(url).then((r) => r.text()).catch(() => {}).finally(() => process.exit(0));
-}
-EOF
+  node "$repo/lab/stacks/client.mjs" --mode "${1#node-}" --connect 127.0.0.1 \
+    --timeout-ms 5000 "$url" >/dev/null
 }
 
 go_client() {
-  mkdir -p "$work/go"
-  cat >"$work/go/main.go" <<'EOF'
-package main
-
-import (
-	"context"
-	"crypto/tls"
-	"io"
-	"net"
-	"net/http"
-	"os"
-)
-
-func main() {
-	// Clone keeps the default transport's settings (HTTP/2 offered in ALPN).
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.TLSClientConfig = &tls.Config{InsecureSkipVerify: true}
-	dialer := &net.Dialer{}
-	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		_, port, _ := net.SplitHostPort(addr)
-		return dialer.DialContext(ctx, network, net.JoinHostPort("127.0.0.1", port))
-	}
-	resp, err := (&http.Client{Transport: tr}).Get(os.Args[1])
-	if err == nil {
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-	}
-}
-EOF
-  # Listing the file builds it without a go.mod and without fetching anything.
-  (cd "$work/go" && go build -o client main.go) && "$work/go/client" "$url"
+  # Standard library only: builds offline, without a go.mod; no cgo, so no C
+  # toolchain is needed (crypto/tls is pure Go either way).
+  CGO_ENABLED=0 GOPROXY=off GOTOOLCHAIN=local \
+    go build -o "$work/go-client" "$repo/lab/stacks/client.go" &&
+    "$work/go-client" -connect 127.0.0.1 -timeout 5s "$url" >/dev/null
 }
 
 # For clients with no way to resolve a name to an address of our choosing: a
@@ -214,7 +176,7 @@ for client in "${clients[@]}"; do
   for _ in $(seq 50); do grep -q "listening on" "$work/tcpdump.log" && break; sleep 0.1; done
   rc=0
   timeout 60 bash -c "$(declare -f run_client python_client node_client go_client with_hosts); \
-    $(declare -p py host port url work browser_flags); run_client $client" || rc=$?
+    $(declare -p repo py host port url work browser_flags); run_client $client" || rc=$?
   sleep 0.5
   kill "$capture_pid"
   wait "$capture_pid" 2>/dev/null || true
