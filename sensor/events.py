@@ -376,6 +376,6 @@ def event_to_dict(event: Event) -> dict[str, object]:
         elif isinstance(value, tuple):
             value = list(value)
         elif isinstance(value, enum.Enum):
-            value = value.name if value.name else int(value)
+            value = value.name if value.name else value.value
         out[name] = value
     return out

@@ -25,6 +25,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 NS_PER_S = 1_000_000_000
 
+# A map key: an address (a union), a CIDR or a 5-tuple (structures).
+_CKey = ctypes.Structure | ctypes.Union
+
 
 def monotonic_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -100,7 +103,9 @@ class VerdictMaps:
         """An address or CIDR that passes, skipping block, throttle and tarpit."""
         if _is_cidr(target):
             net = parse_network(target)  # type: ignore[arg-type]
-            self._put(VerdictKind.ALLOW_CIDR, "allow_cidr", abi.lpm_key(net), self._verdict(ttl, reason))
+            self._put(
+                VerdictKind.ALLOW_CIDR, "allow_cidr", abi.lpm_key(net), self._verdict(ttl, reason)
+            )
         else:
             addr = parse_address(target)  # type: ignore[arg-type]
             self._put(VerdictKind.ALLOW, "allow_addr", abi.addr16(addr), self._verdict(ttl, reason))
@@ -109,7 +114,9 @@ class VerdictMaps:
         """Drop every packet from an address or CIDR to a watched port."""
         if _is_cidr(target):
             net = parse_network(target)  # type: ignore[arg-type]
-            self._put(VerdictKind.BLOCK_CIDR, "block_cidr", abi.lpm_key(net), self._verdict(ttl, reason))
+            self._put(
+                VerdictKind.BLOCK_CIDR, "block_cidr", abi.lpm_key(net), self._verdict(ttl, reason)
+            )
         else:
             addr = parse_address(target)  # type: ignore[arg-type]
             self._put(VerdictKind.BLOCK, "block_addr", abi.addr16(addr), self._verdict(ttl, reason))
@@ -141,12 +148,16 @@ class VerdictMaps:
         entry.pkt_interval_ns, entry.pkt_tolerance_ns = _gcra(packets_per_s, packet_burst)
         self._put(VerdictKind.THROTTLE, "throttle", abi.addr16(addr), entry)
 
-    def tarpit(self, target: str | IPAddress, ttl: float, reason: str, *, syns_to_drop: int = 1) -> None:
+    def tarpit(
+        self, target: str | IPAddress, ttl: float, reason: str, *, syns_to_drop: int = 1
+    ) -> None:
         """Drop the first syns_to_drop SYNs of every new connection from the
         source: each costs the client a retransmission timeout (1 s, 2 s, ...)."""
         addr = parse_address(target)
         if not 1 <= syns_to_drop <= 6:
-            raise ValueError(f"syns_to_drop must be 1-6 (Linux gives up after 6), got {syns_to_drop!r}")
+            raise ValueError(
+                f"syns_to_drop must be 1-6 (Linux gives up after 6), got {syns_to_drop!r}"
+            )
         entry = abi.TarpitEntry(v=self._verdict(ttl, reason), syns_to_drop=syns_to_drop)
         self._put(VerdictKind.TARPIT, "tarpit", abi.addr16(addr), entry)
 
@@ -155,7 +166,7 @@ class VerdictMaps:
         now = self._clock()
         return abi.Verdict(expires_ns=now + ttl_ns, created_ns=now, reason=_check_reason(reason))
 
-    def _put(self, kind: VerdictKind, map_name: str, key: ctypes.Structure, value: ctypes.Structure) -> None:
+    def _put(self, kind: VerdictKind, map_name: str, key: _CKey, value: ctypes.Structure) -> None:
         # The kind's bit goes up before the entry lands, so the kernel never
         # skips a map that holds a live entry.
         self._set_kinds(self._kinds() | kind)
@@ -192,7 +203,7 @@ class VerdictMaps:
         key = abi.addr16(parse_address(target))  # type: ignore[arg-type]
         return self._delete(VerdictKind.ALLOW, "allow_addr", key)
 
-    def _delete(self, kind: VerdictKind, map_name: str, key: ctypes.Structure) -> int:
+    def _delete(self, kind: VerdictKind, map_name: str, key: _CKey) -> int:
         table = self._table(map_name)
         try:
             del table[table.Key.from_buffer_copy(key)]
@@ -313,7 +324,9 @@ def _describe_key(kind: VerdictKind, key: Any) -> str:
 def _detail(kind: VerdictKind, value: Any) -> dict[str, float]:
     if kind is VerdictKind.THROTTLE:
         return {
-            "connections_per_s": NS_PER_S / value.conn_interval_ns if value.conn_interval_ns else 0.0,
+            "connections_per_s": NS_PER_S / value.conn_interval_ns
+            if value.conn_interval_ns
+            else 0.0,
             "packets_per_s": NS_PER_S / value.pkt_interval_ns if value.pkt_interval_ns else 0.0,
         }
     if kind is VerdictKind.TARPIT:
