@@ -56,7 +56,10 @@ class Enforcer:
     ) -> None:
         self._verdicts = verdicts
         self._clock_s = clock_s
-        self._ja4_blocks: dict[str, tuple[float, Decision]] = {}  # ja4 -> (expiry, decision)
+        # ja4 -> scope -> (expiry, decision); scope None is every source. The
+        # policy scopes a JA4 to an address or prefix ("<ja4>@<addr or cidr>")
+        # when one address hides many clients, so only that source's flows go.
+        self._ja4_blocks: dict[str, dict[Scope, tuple[float, Decision]]] = {}
         self.applied: list[Decision] = []  # bounded by the caller's log rotation
         self.fingerprint_latency = LatencyLog()
         self.behaviour_latency = LatencyLog()
@@ -71,8 +74,9 @@ class Enforcer:
         if decision.shadow or decision.action is Action.MONITOR:
             return
         if decision.target_kind is TargetKind.JA4:
+            ja4, scope = parse_ja4_target(decision.target)
             expiry = self._clock_s() + decision.ttl_s
-            self._ja4_blocks[decision.target] = (expiry, decision)
+            self._ja4_blocks.setdefault(ja4, {})[scope] = (expiry, decision)
             return
         if self._verdicts is not None:
             _write(self._verdicts, decision)
@@ -84,12 +88,19 @@ class Enforcer:
         ja4 = conn.fingerprint.ja4
         if conn.stage is not ConnectionStage.HELLO or ja4 is None or conn.server is None:
             return None
-        entry = self._ja4_blocks.get(ja4)
-        if entry is None:
+        scopes = self._ja4_blocks.get(ja4)
+        if not scopes:
             return None
-        expiry, source = entry
-        if self._clock_s() >= expiry:
+        now = self._clock_s()
+        source: Decision | None = None
+        for scope, (expiry, decision) in list(scopes.items()):
+            if now >= expiry:
+                del scopes[scope]
+            elif scope is None or conn.client in scope:
+                source = decision
+        if not scopes:
             del self._ja4_blocks[ja4]
+        if source is None:
             return None
         flow = Flow(conn.client, conn.client_port, conn.server, conn.server_port)
         decision = Decision(
@@ -109,18 +120,40 @@ class Enforcer:
         return decision
 
     def blocked_ja4s(self) -> dict[str, Decision]:
+        """Live JA4 verdicts by their target text."""
         now = self._clock_s()
-        return {ja4: d for ja4, (exp, d) in self._ja4_blocks.items() if exp > now}
+        return {
+            d.target: d
+            for scopes in self._ja4_blocks.values()
+            for exp, d in scopes.values()
+            if exp > now
+        }
 
     def revoke(self, target: str) -> None:
         """Undoes every verdict on a target at once (feedback: a false positive)."""
-        self._ja4_blocks.pop(target, None)
+        ja4, scope = parse_ja4_target(target)
+        scopes = self._ja4_blocks.get(ja4)
+        if scopes is not None:
+            scopes.pop(scope, None)
+            if "@" not in target:
+                scopes.clear()
+            if not scopes:
+                del self._ja4_blocks[ja4]
         if self._verdicts is None:
             return
         if "->" in target:
             self._verdicts.unblock_flow(_parse_flow(target))
         else:
             self._verdicts.unblock(target)
+
+
+Scope = ipaddress.IPv4Network | ipaddress.IPv6Network | None
+
+
+def parse_ja4_target(target: str) -> tuple[str, Scope]:
+    """"<ja4>" or "<ja4>@<address or CIDR>" -> (ja4, the network it is limited to)."""
+    ja4, _, scope = target.partition("@")
+    return ja4, ipaddress.ip_network(scope, strict=False) if scope else None
 
 
 def _write(verdicts: VerdictMaps, d: Decision) -> None:
