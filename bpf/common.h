@@ -92,9 +92,9 @@ enum verdict_kind_bit {
 	VERDICT_TARPIT = 1 << 6,
 };
 
-/* Common head of every verdict value. The kernel ignores a verdict once
- * bpf_ktime_get_ns() passes expires_ns, so a dead control plane cannot leave a
- * client blocked for good. */
+/* Common head of every verdict value. The kernel ignores a verdict once its
+ * monotonic clock passes expires_ns (read coarse: up to one tick late), so a dead
+ * control plane cannot leave a client blocked for good. */
 struct verdict {
 	__u64 expires_ns; /* CLOCK_MONOTONIC */
 	__u64 created_ns; /* CLOCK_MONOTONIC */
@@ -254,7 +254,7 @@ struct syn_event {
 	__u8 tcp_flags; /* the flags byte: CWR ECE URG ACK PSH RST SYN FIN */
 	__u8 options_len; /* bytes of TCP options in options[] */
 	__u8 options[TCP_OPTIONS_MAX_BYTES]; /* raw, as on the wire */
-	__u8 pad[2];
+	__u8 pad[6]; /* to the 8-byte alignment: no byte of the record is left unnamed */
 };
 
 /* A captured client payload segment: a ClientHello part or a plaintext HTTP

@@ -54,4 +54,14 @@ BPF_PERCPU_ARRAY(payload_scratch, struct payload_event, 1);
 /* every observation record, see enum event_type */
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
+#ifdef BOTWALL_ABI_CHECK
+/* Never touched by the programs: a record that is no map's key or value gets a
+ * ctypes class from BCC only through a map, so tests/test_abi.py builds with
+ * -DBOTWALL_ABI_CHECK and compares these with sensor/abi.py. 0 -> record. */
+BPF_ARRAY(abi_event_header, struct event_header, 1);
+BPF_ARRAY(abi_syn_event, struct syn_event, 1);
+BPF_ARRAY(abi_flow_end_event, struct flow_end_event, 1);
+BPF_ARRAY(abi_http_response_event, struct http_response_event, 1);
+#endif
+
 #endif /* BOTWALL_MAPS_H */

@@ -176,8 +176,15 @@ static __always_inline int parse_ip6hdr(struct cursor *c, void *data_end, struct
 			goto done;
 		}
 	}
-	/* More extension headers than we walk: treat as malformed, pass. */
-	return -1;
+	/* All MAX_IPV6_EXT_HEADERS walked: the packet is fine unless yet another
+	 * one follows, more than we walk: treat that as malformed, pass. */
+	switch (nexthdr) {
+	case IPPROTO_HOPOPTS:
+	case IPPROTO_ROUTING:
+	case IPPROTO_DSTOPTS:
+	case IPPROTO_FRAGMENT:
+		return -1;
+	}
 done:
 	if (bpf_ntohs(ip6->payload_len) < ext_len)
 		return -1;

@@ -199,7 +199,7 @@ class SynEvent(ctypes.Structure):
         ("tcp_flags", c_uint8),
         ("options_len", c_uint8),
         ("options", c_uint8 * TCP_OPTIONS_MAX_BYTES),
-        ("pad", c_uint8 * 2),
+        ("pad", c_uint8 * 6),
     ]
 
 

@@ -68,6 +68,8 @@ class SensorSettings:
     verdict_table_size: int = 262_144
     cidr_table_size: int = 65_536
     ringbuf_pages: int = 1024  # 4 MiB; a power of two
+    # More -D switches, e.g. -DBOTWALL_ABI_CHECK for tests/test_abi.py.
+    extra_cflags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for port in (*self.tls_ports, *self.http_ports):
@@ -93,6 +95,7 @@ class SensorSettings:
             "-Wno-unused-value",
             "-Wno-pointer-sign",
             "-Wno-compare-distinct-pointer-types",
+            *self.extra_cflags,
         ]
 
     def watch_flags(self) -> dict[int, int]:
@@ -257,7 +260,9 @@ class Sensor:
                 return candidate
             except NetlinkError as exc:
                 errors.append(f"{candidate}: {os.strerror(exc.code)}")
-        raise AttachError(f"{ifname}: could not attach XDP program {XDP_PROGRAM} ({'; '.join(errors)})")
+        raise AttachError(
+            f"{ifname}: could not attach XDP program {XDP_PROGRAM} ({'; '.join(errors)})"
+        )
 
     def _attach_tc(self, ipr: Any, ifindex: int, ifname: str) -> bool:
         from pyroute2 import NetlinkError

@@ -1,0 +1,62 @@
+"""`python -m bench.run`: every benchmark module in bench/, each writing its JSON result.
+
+A benchmark module is any bench/*.py with a run() -> dict; its result goes where the
+module's RESULTS names, or to bench/results/<module>.json. One that fails is reported
+and the others still run; the exit status says whether all succeeded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import sys
+import traceback
+from pathlib import Path
+
+import bench
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NOT_BENCHMARKS = {"run"}
+
+
+def benchmark_modules() -> list[str]:
+    return sorted(
+        name
+        for _, name, is_package in pkgutil.iter_modules(bench.__path__)
+        if not is_package and name not in NOT_BENCHMARKS
+    )
+
+
+def run_one(name: str) -> Path:
+    """Runs one module's benchmark, writes its JSON, prints its table if it has one."""
+    module = importlib.import_module(f"bench.{name}")
+    if not callable(getattr(module, "run", None)):
+        raise TypeError(f"bench/{name}.py has no run()")
+    result = module.run()
+    path = Path(getattr(module, "RESULTS", RESULTS_DIR / f"{name}.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    summary = getattr(module, "table", None)
+    print(summary(result) if callable(summary) else json.dumps(result, indent=2))
+    return path
+
+
+def main() -> int:
+    failed = []
+    for name in benchmark_modules():
+        print(f"== bench/{name}.py", flush=True)
+        try:
+            path = run_one(name)
+        except Exception:  # one broken benchmark must not hide the others' results
+            traceback.print_exc()
+            failed.append(name)
+        else:
+            print(f"wrote {path}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
