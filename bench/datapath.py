@@ -38,7 +38,12 @@ BARE_SOURCE = REPO / "bench/bare_xdp.c"
 REPEAT = 1_000_000
 RUNS = 5
 BUDGET_RATIO = 3.0  # the budget: at most 3x bare on these paths
-BUDGET_PATHS = ("established_flow", "blocked_address", "blocked_cidr_10k")
+BUDGET_PATHS = (
+    "established_flow",
+    "established_flow_ack",
+    "blocked_address",
+    "blocked_cidr_10k",
+)
 
 CLIENT, SERVER, CPORT = "203.0.113.77", "198.51.100.1", 40000
 PREFIXES = 10_000  # loaded into block_cidr (and as many addresses into block_addr)
@@ -79,6 +84,7 @@ SYN = _frame(
     options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None), ("WScale", 7)],
 )
 ESTABLISHED = _frame("PA", APP_DATA)
+ESTABLISHED_ACK = _frame("A")
 UDP_443 = bytes(
     Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
     / IP(src=CLIENT, dst=SERVER)
@@ -155,6 +161,13 @@ CASES = (
         "established_flow",
         "100-byte data segment of an open flow, no verdict loaded",
         ESTABLISHED,
+        _open_flow,
+    ),
+    Case(
+        "established_flow_ack",
+        "pure ACK of an open flow (the client acknowledging the server's data), "
+        "no verdict loaded: no clock read, one flow lookup",
+        ESTABLISHED_ACK,
         _open_flow,
     ),
     Case(

@@ -144,6 +144,8 @@ enum flow_flag {
 	FLOW_HELLO_OPEN = 1 << 1, /* a ClientHello continues into the next segment */
 };
 
+/* Times in flow state are CLOCK_MONOTONIC from the coarse clock (tick
+ * resolution, 1-4 ms): see observe() in xdp_sensor.c. */
 struct flow_state {
 	__u64 first_ns;
 	__u64 last_ns; /* last packet either way: idle flows end on this */
@@ -295,7 +297,8 @@ struct flow_end_event {
 struct http_response_event {
 	struct event_header hdr;
 	struct flow_tuple flow; /* client -> server, like every other record */
-	__u64 think_ns; /* from the client's last data segment to this response */
+	__u64 think_ns; /* since the client's last data segment; tick resolution (coarse
+			 * clock): the events' own timestamps are precise */
 	__u16 status;
 	__u16 payload_len;
 	__u8 pad[4];

@@ -26,17 +26,19 @@ static __always_inline void count(__u32 id)
 		*value += 1;
 }
 
+/* Event timestamps are precise (bpf_ktime_get_ns): they are read here, once
+ * per record, not once per packet. Flow-state times use the coarse clock. */
 static __always_inline void fill_header(struct event_header *hdr, __u16 type, __u16 version,
-					__u32 length, __u64 now)
+					__u32 length)
 {
 	hdr->type = type;
 	hdr->version = version;
 	hdr->length = length;
-	hdr->ts_ns = now;
+	hdr->ts_ns = bpf_ktime_get_ns();
 }
 
 static __always_inline void emit_flow_end(struct flow_tuple *flow, struct flow_state *fs,
-					  __u8 reason, __u64 now)
+					  __u8 reason)
 {
 	struct flow_end_event *ev = events.ringbuf_reserve(sizeof(*ev));
 
@@ -44,7 +46,7 @@ static __always_inline void emit_flow_end(struct flow_tuple *flow, struct flow_s
 		count(CTR_EVENT_LOST);
 		return;
 	}
-	fill_header(&ev->hdr, EVENT_FLOW_END, FLOW_END_EVENT_VERSION, sizeof(*ev), now);
+	fill_header(&ev->hdr, EVENT_FLOW_END, FLOW_END_EVENT_VERSION, sizeof(*ev));
 	ev->flow = *flow;
 	__builtin_memcpy(&ev->state, fs, sizeof(ev->state));
 	ev->reason = reason;
@@ -175,12 +177,15 @@ static __always_inline __u32 enforce(struct packet *pkt)
 			}
 			if (seen <= tarpitted->syns_to_drop)
 				return CTR_DROP_TARPIT;
+			/* This SYN passes: forget the connection, so a later one that
+			 * reuses the same 5-tuple pays again. */
+			tarpit_syns.delete(&pkt->flow);
 		}
 	}
 	return CTR_PASS;
 }
 
-static __always_inline void emit_syn(struct xdp_md *ctx, struct packet *pkt, __u64 now)
+static __always_inline void emit_syn(struct xdp_md *ctx, struct packet *pkt)
 {
 	struct tcphdr *tcp = pkt->tcp;
 	struct syn_event *ev;
@@ -192,7 +197,7 @@ static __always_inline void emit_syn(struct xdp_md *ctx, struct packet *pkt, __u
 		count(CTR_EVENT_LOST);
 		return;
 	}
-	fill_header(&ev->hdr, EVENT_SYN, SYN_EVENT_VERSION, sizeof(*ev), now);
+	fill_header(&ev->hdr, EVENT_SYN, SYN_EVENT_VERSION, sizeof(*ev));
 	ev->flow = pkt->flow;
 	ev->seq = bpf_ntohl(tcp->seq);
 	ev->ip_id = pkt->flow.ip_version == 4 ? pkt->ip_id : 0;
@@ -240,8 +245,7 @@ static __always_inline void emit_syn(struct xdp_md *ctx, struct packet *pkt, __u
  * the ring buffer took the record, so per-flow accounting does not depend on
  * user space keeping up. */
 static __always_inline __u32 emit_payload(struct xdp_md *ctx, struct packet *pkt, __u16 type,
-					  __u32 max_len, __u8 hello_index, __u8 segment_index,
-					  __u64 now)
+					  __u32 max_len, __u8 hello_index, __u8 segment_index)
 {
 	struct payload_event *rec;
 	__u32 zero = 0, len;
@@ -257,8 +261,7 @@ static __always_inline __u32 emit_payload(struct xdp_md *ctx, struct packet *pkt
 	rec = payload_scratch.lookup(&zero);
 	if (!rec)
 		return len;
-	fill_header(&rec->hdr, type, PAYLOAD_EVENT_VERSION,
-		    offsetof(struct payload_event, data) + len, now);
+	fill_header(&rec->hdr, type, PAYLOAD_EVENT_VERSION, offsetof(struct payload_event, data) + len);
 	rec->flow = pkt->flow;
 	rec->seq = bpf_ntohl(pkt->tcp->seq);
 	rec->payload_len = pkt->payload_len;
@@ -289,29 +292,34 @@ union segment_head {
  * two candidate offsets makes clang select between stack pointers, which the
  * verifier refuses. */
 #define HEAD_BYTE(h, k) ((__u8)((h)->w[(k) / 8] >> (8 * ((k) % 8))))
+#define RECORD_LEN(h, at) ((HEAD_BYTE(h, at) << 8) | HEAD_BYTE(h, (at) + 1))
 #define HANDSHAKE_LEN(h, at) \
 	((HEAD_BYTE(h, at) << 16) | (HEAD_BYTE(h, (at) + 1) << 8) | HEAD_BYTE(h, (at) + 2))
 
 /* If the segment begins with a TLS record carrying a ClientHello, returns how
- * many bytes the segment needs to hold the whole hello in that record: at
- * offset 0, or at 6 behind a ChangeCipherSpec record (the second ClientHello
- * after a HelloRetryRequest in middlebox-compatibility mode). 0 if none. */
+ * many bytes the segment needs to hold the whole hello: at offset 0, or at 6
+ * behind a ChangeCipherSpec record (the second ClientHello after a
+ * HelloRetryRequest in middlebox-compatibility mode). 0 if none. A hello split
+ * over several records needs their headers too, which this segment cannot
+ * tell: HELLO_SPANS_RECORDS then asks for the next segment whatever its length. */
+#define HELLO_SPANS_RECORDS 0xffffffff
 static __always_inline __u32 client_hello_end(const union segment_head *h, __u32 len)
 {
 	if (len >= 9 && HEAD_BYTE(h, 0) == 0x16 && HEAD_BYTE(h, 1) == 0x03 &&
 	    HEAD_BYTE(h, 5) == 0x01)
-		return 9 + HANDSHAKE_LEN(h, 6);
+		return RECORD_LEN(h, 3) < 4 + HANDSHAKE_LEN(h, 6) ? HELLO_SPANS_RECORDS
+								 : 9 + HANDSHAKE_LEN(h, 6);
 	if (len >= 15 && HEAD_BYTE(h, 0) == 0x14 && HEAD_BYTE(h, 1) == 0x03 &&
 	    HEAD_BYTE(h, 2) == 0x03 && HEAD_BYTE(h, 3) == 0 && HEAD_BYTE(h, 4) == 1 &&
 	    HEAD_BYTE(h, 5) == 1 && HEAD_BYTE(h, 6) == 0x16 && HEAD_BYTE(h, 7) == 0x03 &&
 	    HEAD_BYTE(h, 11) == 0x01)
-		return 15 + HANDSHAKE_LEN(h, 12);
+		return RECORD_LEN(h, 9) < 4 + HANDSHAKE_LEN(h, 12) ? HELLO_SPANS_RECORDS
+								  : 15 + HANDSHAKE_LEN(h, 12);
 	return 0;
 }
 
 static __always_inline void capture_hello(struct xdp_md *ctx, struct packet *pkt,
-					  struct flow_state *fs, const union segment_head *head,
-					  __u64 now)
+					  struct flow_state *fs, const union segment_head *head)
 {
 	__u32 captured, hello_end;
 
@@ -321,7 +329,7 @@ static __always_inline void capture_hello(struct xdp_md *ctx, struct packet *pkt
 		__u8 segment = fs->hello_segments + 1;
 
 		captured = emit_payload(ctx, pkt, EVENT_HELLO, HELLO_MAX_BYTES - fs->hello_bytes,
-					fs->hellos, segment, now);
+					fs->hellos, segment);
 		fs->hello_segments = segment;
 		fs->hello_bytes += captured;
 		fs->flags &= ~FLOW_HELLO_OPEN;
@@ -334,7 +342,7 @@ static __always_inline void capture_hello(struct xdp_md *ctx, struct packet *pkt
 		return;
 
 	fs->hellos++;
-	captured = emit_payload(ctx, pkt, EVENT_HELLO, HELLO_MAX_BYTES, fs->hellos, 1, now);
+	captured = emit_payload(ctx, pkt, EVENT_HELLO, HELLO_MAX_BYTES, fs->hellos, 1);
 	fs->hello_segments = 1;
 	fs->hello_bytes = captured;
 	if (pkt->payload_len < hello_end)
@@ -365,6 +373,10 @@ static __always_inline int starts_with_http_method(const union segment_head *hea
 	return 0;
 }
 
+/* Per-source counters are touched when a flow starts (its SYN, or its first
+ * data when the flow began before we attached) and when it ends, where its
+ * packets are added: one hash lookup per packet less on the hot path, for
+ * packet counts that lag by the flows still open. */
 static __always_inline struct source_state *touch_source(union addr16 *src, __u64 now)
 {
 	struct source_state *ss = sources.lookup(src);
@@ -378,11 +390,25 @@ static __always_inline struct source_state *touch_source(union addr16 *src, __u6
 			return 0;
 	}
 	ss->last_ns = now;
-	ss->packets++;
 	return ss;
 }
 
-static __always_inline void observe(struct xdp_md *ctx, struct packet *pkt, __u8 watch, __u64 now)
+static __always_inline void end_flow(struct flow_tuple *flow, struct flow_state *fs, __u8 reason,
+				     __u64 now)
+{
+	struct source_state *ss = touch_source(&flow->saddr, now);
+
+	if (ss)
+		ss->packets += fs->packets;
+	emit_flow_end(flow, fs, reason);
+	flows.delete(flow);
+}
+
+/* Flow-state times (first, last, last data, gaps) come from the coarse clock:
+ * tick resolution (1-4 ms) is plenty for idle timeouts and request cadence,
+ * and the precise clock costs as much as the flow lookup. A pure ACK of a
+ * known flow reads no clock at all; event records carry precise times. */
+static __always_inline void observe(struct xdp_md *ctx, struct packet *pkt, __u8 watch)
 {
 	struct tcphdr *tcp = pkt->tcp;
 	int syn = is_client_syn(tcp);
@@ -390,25 +416,27 @@ static __always_inline void observe(struct xdp_md *ctx, struct packet *pkt, __u8
 	struct source_state *ss;
 	struct flow_state *fs;
 	__u32 head_len;
-
-	ss = touch_source(&pkt->flow.saddr, now);
-	if (syn) {
-		if (ss)
-			ss->syns++;
-		emit_syn(ctx, pkt, now);
-	}
+	__u64 now;
 
 	fs = flows.lookup(&pkt->flow);
+	if (fs && !syn && !pkt->payload_len && !tcp->fin && !tcp->rst) {
+		fs->packets++; /* the common case: an ACK of the server's data */
+		return;
+	}
+	/* Only a SYN or data opens a flow: a stray ACK or FIN of a flow we
+	 * already closed must not leave state behind to time out. */
+	if (!fs && !syn && !pkt->payload_len)
+		return;
+
+	now = bpf_ktime_get_coarse_ns();
+	if (syn)
+		emit_syn(ctx, pkt);
 	if (fs) {
 		if (syn)
 			fs->syn_count++;
 	} else {
 		struct flow_state fresh = {.first_ns = now};
 
-		/* Only a SYN or data opens a flow: a stray ACK or FIN of a flow we
-		 * already closed must not leave state behind to time out. */
-		if (!syn && !pkt->payload_len)
-			return;
 		if (syn) {
 			fresh.flags = FLOW_SEEN_SYN;
 			fresh.syn_count = 1;
@@ -420,8 +448,16 @@ static __always_inline void observe(struct xdp_md *ctx, struct packet *pkt, __u8
 		fs = flows.lookup(&pkt->flow);
 		if (!fs)
 			return;
-		if (ss)
+		ss = touch_source(&pkt->flow.saddr, now);
+		if (ss) {
 			ss->flows++;
+			ss->syns += syn;
+		}
+	}
+	if (syn && fs->syn_count > 1) {
+		ss = touch_source(&pkt->flow.saddr, now);
+		if (ss)
+			ss->syns++; /* a retransmission: the source sent another SYN */
 	}
 
 	fs->packets++;
@@ -450,15 +486,13 @@ static __always_inline void observe(struct xdp_md *ctx, struct packet *pkt, __u8
 		else if (bpf_xdp_load_bytes(ctx, pkt->payload_offset, head.b, head_len) < 0)
 			__builtin_memset(&head, 0, sizeof(head));
 		if (watch & WATCH_TLS)
-			capture_hello(ctx, pkt, fs, &head, now);
+			capture_hello(ctx, pkt, fs, &head);
 		if ((watch & WATCH_HTTP) && pkt->payload_len >= 4 && starts_with_http_method(&head))
-			emit_payload(ctx, pkt, EVENT_HTTP_REQUEST, HTTP_HEAD_MAX_BYTES, 0, 0, now);
+			emit_payload(ctx, pkt, EVENT_HTTP_REQUEST, HTTP_HEAD_MAX_BYTES, 0, 0);
 	}
 
-	if (tcp->fin || tcp->rst) {
-		emit_flow_end(&pkt->flow, fs, tcp->rst ? FLOW_END_RST : FLOW_END_FIN, now);
-		flows.delete(&pkt->flow);
-	}
+	if (tcp->fin || tcp->rst)
+		end_flow(&pkt->flow, fs, tcp->rst ? FLOW_END_RST : FLOW_END_FIN, now);
 }
 
 int botwall_xdp(struct xdp_md *ctx)
@@ -470,7 +504,6 @@ int botwall_xdp(struct xdp_md *ctx)
 	int action = XDP_PASS;
 	__u32 port;
 	__u8 *watch;
-	__u64 now;
 	int rc;
 
 	rc = parse_packet(data, data_end, &pkt);
@@ -491,8 +524,7 @@ int botwall_xdp(struct xdp_md *ctx)
 		action = XDP_DROP;
 		goto out;
 	}
-	now = bpf_ktime_get_ns();
-	observe(ctx, &pkt, *watch, now);
+	observe(ctx, &pkt, *watch);
 out:
 	count(result);
 	return action;
@@ -524,7 +556,7 @@ static __always_inline void emit_http_response(struct flow_tuple *flow, struct f
 		count(CTR_EVENT_LOST);
 		return;
 	}
-	fill_header(&ev->hdr, EVENT_HTTP_RESPONSE, HTTP_RESPONSE_EVENT_VERSION, sizeof(*ev), now);
+	fill_header(&ev->hdr, EVENT_HTTP_RESPONSE, HTTP_RESPONSE_EVENT_VERSION, sizeof(*ev));
 	ev->flow = *flow;
 	ev->think_ns = fs->last_data_ns ? now - fs->last_data_ns : 0;
 	ev->status = status;
@@ -566,7 +598,7 @@ int botwall_tc_egress(struct __sk_buff *skb)
 		count(CTR_EGRESS_NO_FLOW);
 		return TC_ACT_OK;
 	}
-	now = bpf_ktime_get_ns();
+	now = bpf_ktime_get_coarse_ns(); /* flow-state time, see observe() */
 	fs->last_ns = now;
 	fs->server_packets++;
 	fs->server_bytes += pkt.payload_len;
@@ -581,9 +613,7 @@ int botwall_tc_egress(struct __sk_buff *skb)
 		emit_http_response(&client, fs, status, pkt.payload_len, now);
 	}
 
-	if (pkt.tcp->rst) {
-		emit_flow_end(&client, fs, FLOW_END_SERVER_RST, now);
-		flows.delete(&client);
-	}
+	if (pkt.tcp->rst)
+		end_flow(&client, fs, FLOW_END_SERVER_RST, now);
 	return TC_ACT_OK;
 }

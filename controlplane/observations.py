@@ -292,7 +292,10 @@ class Observer:
             return []
         # HTTP/1.1 answers in request order, so the oldest pending is this one.
         request = info.pending.pop(0)
-        return [replace(request, status=ev.status, latency_s=ev.think_ns / NS_PER_S)]
+        # Both events carry precise kernel times; the kernel's think_ns has
+        # only clock-tick resolution.
+        latency = max(ev.ts_ns / NS_PER_S - request.ts, 0.0)
+        return [replace(request, status=ev.status, latency_s=latency)]
 
     def _on_flow_end(self, ev: FlowEnd) -> list[Observation]:
         self._hellos.forget(ev.flow)

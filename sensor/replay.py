@@ -455,6 +455,8 @@ class FlowObserver:
         tracked = self._touch(key)
         st = tracked.state
         st.packets += 1
+        if not (is_syn or payload_len or seg.flags & (FIN | RST)):
+            return  # a pure ACK only counts, as in the kernel: no clock, no time
         st.last_ns = seg.ts_ns
         if payload_len:
             st.bytes += payload_len
@@ -533,10 +535,15 @@ class FlowObserver:
         st.hellos += 1
         st.hello_segments = 1
         st.hello_bytes = len(captured)
-        # Only the first record's handshake header is read, as in the kernel:
-        # the hello is open while the segment is shorter than that header says.
-        hello_end = record_at + 9 + int.from_bytes(payload[record_at + 6 : record_at + 9], "big")
-        tracked.hello_remaining = hello_end - payload_len
+        # Only the first record's headers are read, as in the kernel: the hello
+        # is open while the segment is shorter than the handshake header says,
+        # or whatever its length when the first record cannot hold the hello.
+        hs_len = int.from_bytes(payload[record_at + 6 : record_at + 9], "big")
+        record_len = int.from_bytes(payload[record_at + 3 : record_at + 5], "big")
+        if record_len < 4 + hs_len:
+            tracked.hello_remaining = _SPANS_RECORDS
+        else:
+            tracked.hello_remaining = record_at + 9 + hs_len - payload_len
         if tracked.hello_remaining > 0:
             st.flags |= FlowFlag.HELLO_OPEN
         else:
@@ -574,6 +581,10 @@ class FlowObserver:
         if seg.flags & RST:
             out.append(flow_end_from_state(seg.ts_ns, tracked.flow, FlowEndReason.SERVER_RST, st))
             del self._flows[key]
+
+
+# The hello continues in another record: take the next segment, whatever its length.
+_SPANS_RECORDS = 1 << 32
 
 
 def _client_hello_offset(payload: bytes) -> int | None:

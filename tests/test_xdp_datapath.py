@@ -1306,32 +1306,36 @@ def test_sources_count_syns_flows_and_packets(kernel: KernelSensor) -> None:
 
     state = kernel.source_state(ipaddress.ip_address(V4.client))
     assert state is not None
-    assert (state.syns, state.flows, state.packets) == (3, 2, 4)
+    # Packets are added to the source when its flow ends, not per packet.
+    assert (state.syns, state.flows, state.packets) == (3, 2, 0)
     assert 0 < state.first_ns <= state.last_ns
     assert kernel.source_state(ipaddress.ip_address(V4.neighbour)) is None
     assert kernel.flow_count() == 2
 
+    kernel.run(seg(V4, flags="FA"))  # the first connection ends: SYN, SYN, data, FIN
+    state = kernel.source_state(ipaddress.ip_address(V4.client))
+    assert state is not None and state.packets == 4
+    assert kernel.flow_count() == 1
+
 
 def test_sources_keep_families_apart(kernel: KernelSensor) -> None:
-    kernel.run_all([seg(V4), seg(V6), data(V6)])
+    kernel.run_all([seg(V4), seg(V6), data(V6), seg(V6, "RA")])
 
     v4 = kernel.source_state(ipaddress.ip_address(V4.client))
     v6 = kernel.source_state(ipaddress.ip_address(V6.client))
     assert v4 is not None and v6 is not None
-    assert (v4.syns, v4.flows, v4.packets) == (1, 1, 1)
-    assert (v6.syns, v6.flows, v6.packets) == (1, 1, 2)
+    assert (v4.syns, v4.flows, v4.packets) == (1, 1, 0)  # its flow is still open
+    assert (v6.syns, v6.flows, v6.packets) == (1, 1, 3)  # SYN, data, RST
 
 
 def test_stray_ack_opens_no_flow(kernel: KernelSensor) -> None:
     """An ACK (or FIN) of a flow we never saw, or already ended, must not leave state
-    behind to time out; the source still counts the packet."""
+    behind to time out, in the flow table or the source table."""
     outcome = kernel.run(seg(V4, "A", ack=1))
 
     assert outcome.action == PASS and outcome.events == []
     assert kernel.flow_count() == 0
-    state = kernel.source_state(ipaddress.ip_address(V4.client))
-    assert state is not None
-    assert (state.syns, state.flows, state.packets) == (0, 0, 1)
+    assert kernel.source_state(ipaddress.ip_address(V4.client)) is None
 
 
 def test_flow_state_while_a_hello_is_open(kernel: KernelSensor) -> None:
@@ -1350,6 +1354,27 @@ def test_flow_state_while_a_hello_is_open(kernel: KernelSensor) -> None:
     assert state is not None
     assert (state.hellos, state.hello_segments, state.hello_bytes) == (1, 2, 517)
     assert state.flags == 0b01
+
+
+def test_hello_over_two_records_keeps_the_next_segment(kernel: KernelSensor) -> None:
+    """A hello split over two TLS records needs a second record header: a first
+    segment as long as a one-record hello would be can still be short of it."""
+    ch = real_client_hello()
+    message = ch[5:]  # the handshake message, without its record header
+    cut = len(message) // 2
+    records = (
+        bytes([0x16, 0x03, 0x01]) + cut.to_bytes(2, "big") + message[:cut]
+        + bytes([0x16, 0x03, 0x01]) + (len(message) - cut).to_bytes(2, "big") + message[cut:]
+    )  # fmt: skip
+    first = records[: len(ch)]  # exactly the length a single-record hello needs
+    outcome = kernel.run_all([seg(V4), data(V4, first, seq=SEQ + 1)])[-1]
+    assert [type(e).__name__ for e in outcome.events] == ["ClientHelloSegment"]
+    state = kernel.flow_state(V4.flow())
+    assert state is not None and state.flags & 0b10  # still open: the rest follows
+
+    second = kernel.run(data(V4, records[len(ch) :], seq=SEQ + 1 + len(ch)))
+    assert [(e.hello_index, e.segment_index) for e in second.events] == [(1, 2)]
+    assert second.events[0].data == records[len(ch) :]
 
 
 def test_flow_timing_is_monotonic(kernel: KernelSensor) -> None:
