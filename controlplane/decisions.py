@@ -71,3 +71,4 @@ class Decision:
     throttle_connections_per_s: float = 0.0
     throttle_packets_per_s: float = 0.0
     tarpit_syns: int = 0
+    ts: float = 0.0  # when it was decided (the sensor's clock, seconds)

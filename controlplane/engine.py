@@ -1,0 +1,456 @@
+"""The engine: the loop from sensor events to kernel verdicts.
+
+    events -> Observer -> observations -> FeatureStore
+                                 \\-> Enforcer.on_connection (JA4 verdicts, at the hello)
+    every score_every_s of event time:
+        dirty cluster keys -> RiskScorer.score_cluster -> campaign risks
+        dirty clients      -> RiskScorer.score_clients -> Risk
+        risks              -> PolicyEngine.decide      -> Decisions -> Enforcer
+
+Scoring is batched per tick, not per event: the vector models score a batch
+in the time they take for one row, and one tick of a loud bot is a few of its
+requests. Time is the events' own (the sensor's monotonic clock), so a replay
+decides exactly as the live run did.
+
+A learning period (learning_s of event time) collects this host's own
+traffic; at its end the baseline anomaly and journey models are fitted on it
+and start to speak. Until then only the rules that need no traffic
+(consistency, campaigns with default thresholds) do.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from controlplane.decisions import Action, ClusterKey, Decision, Risk
+from controlplane.enforce import Enforcer
+from controlplane.features import FEATURE_NAMES, FeatureStore
+from controlplane.models.baseline import BaselineAnomaly, endpoint_group
+from controlplane.models.journey import JourneyModel, step
+from controlplane.observations import (
+    Connection,
+    ConnectionStage,
+    EndpointClass,
+    Observation,
+    Observer,
+    Request,
+)
+from controlplane.policy import DecisionContext, PolicyEngine
+from controlplane.scoring import ClientView, RiskScorer
+from sensor.events import Event
+from sensor.sources import EventSource
+
+# Cluster kinds scored for campaigns. Prefix keys alone are too broad (a
+# campus /24), so they count only combined with a fingerprint.
+CAMPAIGN_KINDS = ("ja4", "tcp", "http", "ja4+prefix", "ja4+tcp")
+# A score below this decides nothing: spare the policy the call.
+MIN_SCORE_TO_DECIDE = 25.0
+# A session is one address's requests with no pause longer than SESSION_GAP_S;
+# the journey model judges its first STEPS_KEPT steps, where a client shows
+# what it came for. Learning and scoring cut sessions the same way.
+SESSION_GAP_S = 30.0
+STEPS_KEPT = 32
+# Too few sessions teach the journey model nothing it can be trusted with.
+MIN_JOURNEY_SESSIONS = 10
+MIN_BASELINE_VECTORS = 200
+# Features that grow with a client's age whatever it does: against a baseline
+# learned in a bounded period, every client would drift away from it.
+NOT_BASELINE = frozenset({"age_s"})
+
+
+@dataclass
+class _Profile:
+    """The latest of one client address, for its ClientView and its context."""
+
+    user_agent: str | None = None
+    ja4: str | None = None
+    tcp: str | None = None
+    endpoint_class: EndpointClass = EndpointClass.OTHER
+    classes: Counter[EndpointClass] = field(default_factory=Counter)
+    steps: list[str] = field(default_factory=list)  # this session's, at most STEPS_KEPT
+    paths: list[str] = field(default_factory=list)
+    last_request_ts: float = -math.inf
+    flows: deque[str] = field(default_factory=lambda: deque(maxlen=8))
+    fingerprints: set[tuple[str | None, str | None]] = field(default_factory=set)
+    last_ts: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    events: int = 0
+    observations: int = 0
+    ticks: int = 0
+    clients_scored: int = 0
+    clusters_scored: int = 0
+    decisions: int = 0
+    busy_s: float = 0.0  # wall time spent in process() and tick()
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.busy_s if self.busy_s else math.nan
+
+
+@dataclass
+class _Learning:
+    until: float | None  # event time the period ends; None: not started
+    duration_s: float
+    vectors: list[np.ndarray] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    sessions: list[list[str]] = field(default_factory=list)
+    max_vectors: int = 20_000
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        scorer: RiskScorer,
+        policy: PolicyEngine,
+        enforcer: Enforcer,
+        features: FeatureStore | None = None,
+        observer: Observer | None = None,
+        score_every_s: float = 0.5,
+        learning_s: float = 0.0,
+        max_profiles: int = 200_000,
+        on_decision: Callable[[Decision, Risk], None] | None = None,
+    ) -> None:
+        self.scorer = scorer
+        self.policy = policy
+        self.enforcer = enforcer
+        self.features = features or FeatureStore()
+        self.observer = observer or Observer()
+        self.score_every_s = score_every_s
+        self.stats = EngineStats()
+        self.risks: dict[ClusterKey, Risk] = {}  # latest risk per client and cluster
+        self._on_decision = on_decision
+        self._profiles: OrderedDict[str, _Profile] = OrderedDict()
+        self._max_profiles = max_profiles
+        self._dirty_clients: set[str] = set()
+        self._dirty_clusters: set[ClusterKey] = set()
+        self._cluster_risks: dict[ClusterKey, Risk] = {}
+        self._active: dict[tuple[str, Action], float] = {}  # (target, action) -> until
+        self._next_tick: float | None = None
+        self._now = 0.0
+        self._learning = _Learning(None, learning_s) if learning_s > 0 else None
+
+    # ---- input ----
+
+    def process(self, event: Event) -> list[Decision]:
+        """One sensor event; returns the decisions it (or a tick it closed) made."""
+        started = time.perf_counter()
+        self.stats.events += 1
+        self._now = event.ts_ns / 1e9
+        decisions: list[Decision] = []
+        for obs in self.observer.feed(event):
+            self.stats.observations += 1
+            self._observe(obs, decisions)
+        if self._next_tick is None:
+            self._next_tick = self._now + self.score_every_s
+        elif self._now >= self._next_tick:
+            decisions.extend(self._tick_inner(self._now))
+        self.stats.busy_s += time.perf_counter() - started
+        return decisions
+
+    def app_event(self, client: str, port: int, kind: str, ts: float | None = None) -> None:
+        """An application's word about a client: login_success, login_failure,
+        otp_sent, add_to_cart, checkout. Raises ValueError for an unknown kind."""
+        import ipaddress
+
+        addr = ipaddress.ip_address(client)
+        self.features.observe_app_event(addr, port, kind, ts if ts is not None else self._now)
+        self._dirty_clients.add(str(addr))
+
+    def run(self, source: EventSource, *, stop: Callable[[], bool] | None = None) -> None:
+        """Consumes a source until it ends (a capture) or stop() says so (live)."""
+        for event in source.events():
+            self.process(event)
+            if stop is not None and stop():
+                break
+        self.tick(self._now)
+
+    def tick(self, now: float | None = None) -> list[Decision]:
+        """Scores what changed and applies the policy; process() calls it as
+        event time passes, a live loop may call it when events pause."""
+        started = time.perf_counter()
+        out = self._tick_inner(self._now if now is None else now)
+        self.stats.busy_s += time.perf_counter() - started
+        return out
+
+    # ---- observations ----
+
+    def _observe(self, obs: Observation, decisions: list[Decision]) -> None:
+        self.features.observe(obs)
+        addr = str(obs.client)
+        profile = self._profile(addr)
+        profile.last_ts = obs.ts
+        fp = obs.fingerprint
+        if fp.ja4:
+            profile.ja4 = fp.ja4
+        if fp.tcp_signature:
+            profile.tcp = fp.tcp_signature
+        if isinstance(obs, Connection):
+            if obs.stage is ConnectionStage.HELLO:
+                made = self.enforcer.on_connection(obs)
+                if made is not None:
+                    decisions.append(made)
+                    self.stats.decisions += 1
+            if obs.server is not None:
+                profile.flows.append(f"{_hostport(addr, obs.client_port)}->"
+                                     f"{_hostport(str(obs.server), obs.server_port)}")  # fmt: skip
+            if obs.stage is ConnectionStage.SYN:
+                return  # a SYN alone says little; its client is scored on more
+        if isinstance(obs, Request):
+            profile.user_agent = obs.user_agent or profile.user_agent
+            profile.endpoint_class = obs.endpoint_class
+            profile.classes[obs.endpoint_class] += 1
+            if obs.ts - profile.last_request_ts > SESSION_GAP_S:
+                self._end_session(addr, profile)
+            profile.last_request_ts = obs.ts
+            if len(profile.steps) < STEPS_KEPT:
+                profile.steps.append(step(obs.method, obs.route))
+                profile.paths.append(obs.path)
+            profile.fingerprints.add((fp.ja4, obs.http_fingerprint))
+        self._dirty_clients.add(addr)
+        for key in self.features.keys_for(obs):
+            if key[0] in CAMPAIGN_KINDS:
+                self._dirty_clusters.add(key)
+
+    def _end_session(self, addr: str, profile: _Profile) -> None:
+        if self._learning is not None and len(profile.steps) >= 2:
+            self._learning.sessions.append(list(profile.steps))
+        profile.steps = []
+        profile.paths = []
+
+    def _profile(self, addr: str) -> _Profile:
+        profile = self._profiles.get(addr)
+        if profile is None:
+            profile = _Profile()
+            self._profiles[addr] = profile
+            if len(self._profiles) > self._max_profiles:
+                self._profiles.popitem(last=False)
+        else:
+            self._profiles.move_to_end(addr)
+        return profile
+
+    # ---- scoring ----
+
+    def _tick_inner(self, now: float) -> list[Decision]:
+        self._next_tick = now + self.score_every_s
+        self.stats.ticks += 1
+        self._learn(now)
+        decisions: list[Decision] = []
+
+        clusters, self._dirty_clusters = self._dirty_clusters, set()
+        for key in clusters:
+            risk = self.scorer.score_cluster(
+                key, campaign_inputs(self.features.features(key, now), key), ts=now
+            )
+            self.stats.clusters_scored += 1
+            self._cluster_risks[key] = risk
+            self.risks[key] = risk
+            if risk.score >= MIN_SCORE_TO_DECIDE:
+                members = tuple(
+                    m
+                    for m in sorted(self.features.members(key))
+                    if takes_part(self.features.features(("addr", m), now), key, risk)
+                )
+                ctx = DecisionContext(
+                    members=members,
+                    member_fingerprints={m: self._fingerprint_count(m) for m in members},
+                    ja4=key[1].split("|")[0] if key[0].startswith("ja4") else None,
+                    now=now,
+                )
+                decisions.extend(self._decide(risk, ctx))
+
+        clients, self._dirty_clients = self._dirty_clients, set()
+        views = [self._view(addr, now) for addr in clients if addr in self._profiles]
+        if views:
+            for risk in self.scorer.score_clients(views, self._cluster_risks):
+                self.stats.clients_scored += 1
+                self.risks[risk.key] = risk
+                if risk.score >= MIN_SCORE_TO_DECIDE:
+                    decisions.extend(self._decide(risk, self._context(risk.key[1], now)))
+        return decisions
+
+    def _view(self, addr: str, now: float) -> ClientView:
+        profile = self._profiles[addr]
+        key: ClusterKey = ("addr", addr)
+        features = self.features.features(key, now)
+        return ClientView(
+            key=key,
+            features=features,
+            address=addr,
+            user_agent=profile.user_agent,
+            ja4=profile.ja4,
+            tcp=profile.tcp,
+            steps=tuple(profile.steps),
+            paths=tuple(profile.paths),
+            group=endpoint_group(profile.classes),
+            clusters=tuple(
+                k
+                for k in self._cluster_keys(profile, addr)
+                if takes_part(features, k, self._cluster_risks[k])
+            ),
+            ts=now,
+        )
+
+    def _cluster_keys(self, profile: _Profile, addr: str) -> Iterable[ClusterKey]:
+        for key in self._cluster_risks:
+            if (profile.ja4 and profile.ja4 in key[1]) or (profile.tcp and profile.tcp == key[1]):
+                yield key
+
+    def _context(self, addr: str, now: float) -> DecisionContext:
+        profile = self._profiles.get(addr, _Profile())
+        return DecisionContext(
+            client=addr,
+            endpoint_class=profile.endpoint_class,
+            user_agent=profile.user_agent,
+            fingerprints_at_address=max(len(profile.fingerprints), 1),
+            ja4=profile.ja4,
+            flows=tuple(profile.flows),
+            now=now,
+        )
+
+    def _fingerprint_count(self, addr: str) -> int:
+        profile = self._profiles.get(addr)
+        return max(len(profile.fingerprints), 1) if profile else 1
+
+    def _decide(self, risk: Risk, ctx: DecisionContext) -> list[Decision]:
+        made: list[Decision] = []
+        for decided in self.policy.decide(risk, ctx):
+            decision = replace(decided, ts=risk.ts)
+            key = (decision.target, decision.action)
+            # Re-deciding a live verdict every tick would rewrite the same map
+            # entry; renew only once it is past half its life.
+            until = self._active.get(key)
+            if until is not None and ctx.now is not None and ctx.now < until:
+                continue
+            if ctx.now is not None:
+                self._active[key] = ctx.now + decision.ttl_s / 2
+            self.enforcer.apply(decision, event_ts=risk.ts)
+            self.stats.decisions += 1
+            made.append(decision)
+            if self._on_decision is not None:
+                self._on_decision(decision, risk)
+        return made
+
+    # ---- learning ----
+
+    def _learn(self, now: float) -> None:
+        learning = self._learning
+        if learning is None:
+            return
+        if learning.until is None:
+            learning.until = now + learning.duration_s
+        if now < learning.until:
+            # Every client active in the last minute, once per tick: a client's
+            # behaviour as it unfolds, not only at the moments it changed.
+            for addr in reversed(self._profiles):
+                profile = self._profiles[addr]
+                if now - profile.last_ts > 60.0 or len(learning.vectors) >= learning.max_vectors:
+                    break
+                learning.vectors.append(self.features.vector(("addr", addr), now))
+                learning.groups.append(endpoint_group(profile.classes))
+            return
+        # Sessions still open count as they are so far.
+        open_sessions = [list(p.steps) for p in self._profiles.values() if len(p.steps) >= 2]
+        self._learning = None
+        self.fit_baseline(learning.vectors, learning.groups, learning.sessions + open_sessions)
+
+    def fit_baseline(
+        self, vectors: list[np.ndarray], groups: list[str], sessions: list[list[str]]
+    ) -> None:
+        """Fits the unsupervised models on this host's traffic and lets them speak."""
+        if len(vectors) >= MIN_BASELINE_VECTORS:
+            columns = [i for i, name in enumerate(FEATURE_NAMES) if name not in NOT_BASELINE]
+            baseline = BaselineAnomaly(random_state=0)
+            baseline.fit(
+                np.stack(vectors)[:, columns],
+                feature_names=[FEATURE_NAMES[i] for i in columns],
+                groups=groups,
+            )
+            self.scorer.baseline = baseline
+        usable = [s for s in sessions if len(s) >= 2]
+        if len(usable) >= MIN_JOURNEY_SESSIONS:
+            self.scorer.journey = JourneyModel().fit(usable)
+
+
+# Keys many ordinary clients share: being one of their members proves nothing.
+BROAD_KINDS = frozenset({"tcp", "prefix"})
+
+
+def takes_part(member: Mapping[str, float], key: ClusterKey, campaign: Risk) -> bool:
+    """Whether one address's own behaviour is part of a cluster's campaign.
+
+    A campaign is seen on a key many addresses share, and innocent clients may
+    share it too: every Linux client has Linux's TCP signature, a browser's
+    JA4 is the same for all its users. A member inherits the campaign's risk,
+    and its verdict, only if it does what the campaign does."""
+    code = campaign.reasons[0].code if campaign.reasons else ""
+    if code == "credential_stuffing":
+        failing = max(member.get("login_failure_share", 0.0), member.get("login_error_share", 0.0))
+        return member.get("login_share", 0.0) >= 0.3 and failing >= 0.5
+    if code == "sensitive_flood":
+        return member.get("sensitive_share", 0.0) >= 0.8
+    # The key itself is the signal (a rare or lying fingerprint): sharing it
+    # counts, unless the key is one that ordinary clients share.
+    return key[0] not in BROAD_KINDS
+
+
+def campaign_inputs(features: Mapping[str, float], key: ClusterKey) -> dict[str, float]:
+    """The campaign model's inputs, from a cluster key's FeatureStore features."""
+    requests = features.get("req_rate_600s", 0.0) * 600.0
+    logins = requests * features.get("login_share", 0.0)
+    # The application's own word on failures wins; else 401/403 on /login.
+    failures = max(features.get("login_failure_share", 0.0), features.get("login_error_share", 0.0))
+    sync = max(features.get("addr_sync", 0.0), 0.0)
+    rarity_by_kind = {
+        "ja4": "ja4_rarity",
+        "tcp": "tcp_rarity",
+        "http": "http_rarity",
+        "ja4+prefix": "ja4_rarity",
+        "ja4+tcp": "ja4_rarity",
+    }
+    return {
+        "distinct_addrs": features.get("distinct_addrs", 0.0),
+        "requests_600s": requests,
+        "login_attempts_600s": logins,
+        "login_failure_share": failures,
+        "sensitive_share_600s": features.get("sensitive_share", 0.0),
+        # Fano factor - 1 is 0 for independent clients, n-1 for n in lockstep:
+        # squash it to 0..1.
+        "synchrony": sync / (1.0 + sync),
+        "fingerprint_rarity": features.get(rarity_by_kind.get(key[0], "ja4_rarity"), 0.0),
+        "new_addr_share": features.get("new_addr_share", 0.0),
+    }
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def stats_dict(engine: Engine) -> dict[str, Any]:
+    """Counters and latencies, for the admin API and benchmarks."""
+    s = engine.stats
+    fp, bh = engine.enforcer.fingerprint_latency, engine.enforcer.behaviour_latency
+    return {
+        "events": s.events,
+        "observations": s.observations,
+        "ticks": s.ticks,
+        "clients_scored": s.clients_scored,
+        "clusters_scored": s.clusters_scored,
+        "decisions": s.decisions,
+        "events_per_s": s.events_per_s,
+        "fingerprint_latency_p50_s": fp.percentile(50),
+        "fingerprint_latency_p99_s": fp.percentile(99),
+        "behaviour_latency_p50_s": bh.percentile(50),
+        "behaviour_latency_p99_s": bh.percentile(99),
+        "observer": dict(engine.observer.stats),
+    }
