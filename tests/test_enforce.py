@@ -61,8 +61,14 @@ def test_address_actions_reach_the_maps(setup: tuple[Enforcer, RecordingMaps, Cl
     enforcer, maps, _ = setup
     enforcer.apply(decision(Action.BLOCK, TargetKind.ADDRESS, "10.0.0.9"))
     enforcer.apply(decision(Action.TARPIT, TargetKind.ADDRESS, "10.0.0.8", tarpit_syns=3))
-    enforcer.apply(decision(Action.THROTTLE, TargetKind.ADDRESS, "10.0.0.7",
-                            throttle_connections_per_s=2.0, throttle_packets_per_s=200.0))  # fmt: skip
+    throttle = decision(
+        Action.THROTTLE,
+        TargetKind.ADDRESS,
+        "10.0.0.7",
+        throttle_connections_per_s=2.0,
+        throttle_packets_per_s=200.0,
+    )
+    enforcer.apply(throttle)
     enforcer.apply(decision(Action.BLOCK, TargetKind.CIDR, "10.9.0.0/16"))
     assert [c[0] for c in maps.calls] == ["block", "tarpit", "throttle", "block"]
     assert maps.calls[0][1] == ("10.0.0.9", 60.0, "test: test reason")

@@ -205,7 +205,7 @@ def test_campaign_inputs_from_features() -> None:
             "addr_sync": 1.0,
             "ja4_rarity": 3.0,
             "sensitive_share": 0.5,
-        },  # fmt: skip
+        },
         ("ja4", "t13d"),
     )
     assert inputs["requests_600s"] == 600.0
