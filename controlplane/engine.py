@@ -13,9 +13,11 @@ requests. Time is the events' own (the sensor's monotonic clock), so a replay
 decides exactly as the live run did.
 
 A learning period (learning_s of event time) collects this host's own
-traffic; at its end the baseline anomaly and journey models are fitted on it
-and start to speak. Until then only the rules that need no traffic
-(consistency, campaigns with default thresholds) do.
+traffic; at its end the baseline anomaly and journey models (those named in
+`learn`) are fitted on it and start to speak. Until then only the rules that
+need no traffic (consistency, campaigns with default thresholds) do. The
+baseline's 10-minute windows need a learning period longer than that to see
+steady-state clients; the journey model only needs sessions.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from controlplane.decisions import Action, ClusterKey, Decision, Risk
+from controlplane.decisions import Action, ClusterKey, Decision, Risk, TargetKind
 from controlplane.enforce import Enforcer
 from controlplane.features import FEATURE_NAMES, FeatureStore
 from controlplane.models.baseline import BaselineAnomaly, endpoint_group
@@ -63,6 +65,8 @@ MIN_BASELINE_VECTORS = 200
 # Features that grow with a client's age whatever it does: against a baseline
 # learned in a bounded period, every client would drift away from it.
 NOT_BASELINE = frozenset({"age_s"})
+# A cut connection's 5-tuple is not reused for a while: a short block is enough.
+CUT_FLOW_TTL_S = 120.0
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Engine:
         observer: Observer | None = None,
         score_every_s: float = 0.5,
         learning_s: float = 0.0,
+        learn: tuple[str, ...] = ("baseline", "journey"),
         max_profiles: int = 200_000,
         on_decision: Callable[[Decision, Risk], None] | None = None,
     ) -> None:
@@ -139,6 +144,7 @@ class Engine:
         self._next_tick: float | None = None
         self._now = 0.0
         self._learning = _Learning(None, learning_s) if learning_s > 0 else None
+        self._learn_models = frozenset(learn)
 
     # ---- input ----
 
@@ -174,6 +180,19 @@ class Engine:
             if stop is not None and stop():
                 break
         self.tick(self._now)
+
+    def run_live(self, source: Any, stop: Callable[[], bool], poll_ms: int = 100) -> None:
+        """Polls a live source (BccSensor) until stop() says so. While events
+        pause, ticks go on in kernel time (CLOCK_MONOTONIC, the clock event
+        timestamps are in), so a client that went quiet is still decided on."""
+        while not stop():
+            events = source.poll(poll_ms)
+            for event in events:
+                self.process(event)
+            now = time.clock_gettime(time.CLOCK_MONOTONIC)
+            if not events and (self._next_tick is None or now >= self._next_tick):
+                self._now = now
+                self.tick(now)
 
     def tick(self, now: float | None = None) -> list[Decision]:
         """Scores what changed and applies the policy; process() calls it as
@@ -324,7 +343,7 @@ class Engine:
 
     def _decide(self, risk: Risk, ctx: DecisionContext) -> list[Decision]:
         made: list[Decision] = []
-        for decided in self.policy.decide(risk, ctx):
+        for decided in self._with_cuts(self.policy.decide(risk, ctx), ctx):
             decision = replace(decided, ts=risk.ts)
             key = (decision.target, decision.action)
             # Re-deciding a live verdict every tick would rewrite the same map
@@ -340,6 +359,30 @@ class Engine:
             if self._on_decision is not None:
                 self._on_decision(decision, risk)
         return made
+
+    @staticmethod
+    def _with_cuts(decisions: list[Decision], ctx: DecisionContext) -> list[Decision]:
+        """A tarpit delays new connections only: a client on a keep-alive
+        connection would never feel it. Its open flows are cut too, so its
+        next request needs a new connection, and that one pays."""
+        out = list(decisions)
+        for d in decisions:
+            if d.action is Action.TARPIT and d.target_kind is TargetKind.ADDRESS and not d.shadow:
+                out.extend(
+                    Decision(
+                        action=Action.BLOCK_FLOW,
+                        target_kind=TargetKind.FLOW,
+                        target=flow,
+                        ttl_s=min(d.ttl_s, CUT_FLOW_TTL_S),
+                        reason=f"connection cut so the tarpit applies: {d.reason}",
+                        rule=f"{d.rule}/cut",
+                        score=d.score,
+                        model_versions=d.model_versions,
+                    )
+                    for flow in ctx.flows
+                    if flow.startswith(f"{_host(d.target)}:")
+                )
+        return out
 
     # ---- learning ----
 
@@ -368,7 +411,7 @@ class Engine:
         self, vectors: list[np.ndarray], groups: list[str], sessions: list[list[str]]
     ) -> None:
         """Fits the unsupervised models on this host's traffic and lets them speak."""
-        if len(vectors) >= MIN_BASELINE_VECTORS:
+        if "baseline" in self._learn_models and len(vectors) >= MIN_BASELINE_VECTORS:
             columns = [i for i, name in enumerate(FEATURE_NAMES) if name not in NOT_BASELINE]
             baseline = BaselineAnomaly(random_state=0)
             baseline.fit(
@@ -378,7 +421,7 @@ class Engine:
             )
             self.scorer.baseline = baseline
         usable = [s for s in sessions if len(s) >= 2]
-        if len(usable) >= MIN_JOURNEY_SESSIONS:
+        if "journey" in self._learn_models and len(usable) >= MIN_JOURNEY_SESSIONS:
             self.scorer.journey = JourneyModel().fit(usable)
 
 
@@ -432,8 +475,13 @@ def campaign_inputs(features: Mapping[str, float], key: ClusterKey) -> dict[str,
     }
 
 
+def _host(host: str) -> str:
+    """An address as it stands in a "host:port" flow text: IPv6 in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{_host(host)}:{port}"
 
 
 def stats_dict(engine: Engine) -> dict[str, Any]:
