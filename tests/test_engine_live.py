@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import pytest
 
 from controlplane.decisions import Action, Decision
-from controlplane.engine import Engine
 from controlplane.enforce import Enforcer
+from controlplane.engine import Engine
 from controlplane.models.campaign import CampaignDetector
 from controlplane.models.consistency import ConsistencyModel
 from controlplane.policy import Policy, PolicyEngine
