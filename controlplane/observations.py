@@ -206,7 +206,7 @@ class Observer:
         *,
         max_flows: int = 200_000,
         trusted_proxies: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES,
-        parse_user_agents: bool = True,
+        parse_user_agents: bool = False,  # nothing here reads the parsed form
     ) -> None:
         self._flows: OrderedDict[Flow, _FlowInfo] = OrderedDict()
         # (client address, client port) -> its flow, for X-Forwarded-Port joins
