@@ -9,8 +9,10 @@
 
 Scoring is batched per tick, not per event: the vector models score a batch
 in the time they take for one row, and one tick of a loud bot is a few of its
-requests. Time is the events' own (the sensor's monotonic clock), so a replay
-decides exactly as the live run did.
+requests. A client is rescored when it has sent RESCORE_AFTER_REQUESTS more
+requests or rescore_every_s has passed, so scoring costs follow what clients
+do, not how many events they cause. Time is the events' own (the sensor's
+monotonic clock), so a replay decides exactly as the live run did.
 
 A learning period (learning_s of event time) collects this host's own
 traffic; at its end the baseline anomaly and journey models (those named in
@@ -52,6 +54,16 @@ from sensor.sources import EventSource
 # Cluster kinds scored for campaigns. Prefix keys alone are too broad (a
 # campus /24), so they count only combined with a fingerprint.
 CAMPAIGN_KINDS = ("ja4", "tcp", "http", "ja4+prefix", "ja4+tcp")
+# A client is scored at its first requests, then again once rescore_every_s
+# has passed or it has sent this many more requests, whichever comes first:
+# a loud client is judged every tick, a quiet one rarely.
+RESCORE_AFTER_REQUESTS = 5
+LOW_RISK = 10.0
+LOW_RISK_RESCORE_S = 30.0
+LOW_RISK_RESCORE_REQUESTS = 20
+# What has been idle this long is forgotten (risks, cadence, feature state).
+PRUNE_AFTER_S = 1200.0
+PRUNE_EVERY_S = 60.0
 # A score below this decides nothing: spare the policy the call.
 MIN_SCORE_TO_DECIDE = 25.0
 # A session is one address's requests with no pause longer than SESSION_GAP_S;
@@ -84,6 +96,9 @@ class _Profile:
     flows: deque[str] = field(default_factory=lambda: deque(maxlen=8))
     fingerprints: set[tuple[str | None, str | None]] = field(default_factory=set)
     last_ts: float = 0.0
+    last_scored: float = -math.inf
+    last_score: float = 100.0  # unscored: as urgent as the riskiest
+    requests_since_scored: int = 0
 
 
 @dataclass
@@ -121,6 +136,7 @@ class Engine:
         features: FeatureStore | None = None,
         observer: Observer | None = None,
         score_every_s: float = 0.5,
+        rescore_every_s: float = 2.0,
         learning_s: float = 0.0,
         learn: tuple[str, ...] = ("baseline", "journey"),
         max_profiles: int = 200_000,
@@ -132,6 +148,11 @@ class Engine:
         self.features = features or FeatureStore()
         self.observer = observer or Observer()
         self.score_every_s = score_every_s
+        self.rescore_every_s = rescore_every_s
+        self._cluster_scored: dict[ClusterKey, float] = {}
+        self._next_prune = -math.inf
+        self._features_cache: dict[ClusterKey, dict[str, float]] = {}
+        self._features_at = math.nan
         self.stats = EngineStats()
         self.risks: dict[ClusterKey, Risk] = {}  # latest risk per client and cluster
         self._on_decision = on_decision
@@ -236,6 +257,7 @@ class Engine:
                 profile.steps.append(step(obs.method, obs.route))
                 profile.paths.append(obs.path)
             profile.fingerprints.add((fp.ja4, obs.http_fingerprint))
+            profile.requests_since_scored += 1
         self._dirty_clients.add(addr)
         for key in self.features.keys_for(obs):
             if key[0] in CAMPAIGN_KINDS:
@@ -264,12 +286,22 @@ class Engine:
         self._next_tick = now + self.score_every_s
         self.stats.ticks += 1
         self._learn(now)
+        if now >= self._next_prune:
+            self._prune(now)
+            self._next_prune = now + PRUNE_EVERY_S
         decisions: list[Decision] = []
 
-        clusters, self._dirty_clusters = self._dirty_clusters, set()
+        clusters, waiting_keys = [], set()
+        for key in self._dirty_clusters:
+            if now - self._cluster_scored.get(key, -math.inf) >= self.rescore_every_s:
+                clusters.append(key)
+                self._cluster_scored[key] = now
+            else:
+                waiting_keys.add(key)
+        self._dirty_clusters = waiting_keys
         for key in clusters:
             risk = self.scorer.score_cluster(
-                key, campaign_inputs(self.features.features(key, now), key), ts=now
+                key, campaign_inputs(self._features_now(key, now), key), ts=now
             )
             self.stats.clusters_scored += 1
             self._cluster_risks[key] = risk
@@ -278,7 +310,7 @@ class Engine:
                 members = tuple(
                     m
                     for m in sorted(self.features.members(key))
-                    if takes_part(self.features.features(("addr", m), now), key, risk)
+                    if takes_part(self._features_now(("addr", m), now), key, risk)
                 )
                 ctx = DecisionContext(
                     members=members,
@@ -288,20 +320,65 @@ class Engine:
                 )
                 decisions.extend(self._decide(risk, ctx))
 
-        clients, self._dirty_clients = self._dirty_clients, set()
-        views = [self._view(addr, now) for addr in clients if addr in self._profiles]
+        due, waiting = [], set()
+        for addr in self._dirty_clients:
+            profile = self._profiles.get(addr)
+            if profile is None:
+                continue
+            every_s, after = self._cadence(profile.last_score)
+            if now - profile.last_scored >= every_s or profile.requests_since_scored >= after:
+                due.append(addr)
+                profile.last_scored = now
+                profile.requests_since_scored = 0
+            else:
+                waiting.add(addr)
+        self._dirty_clients = waiting
+        views = [self._view(addr, now) for addr in due]
         if views:
             for risk in self.scorer.score_clients(views, self._cluster_risks):
                 self.stats.clients_scored += 1
                 self.risks[risk.key] = risk
+                self._profiles[risk.key[1]].last_score = risk.score
                 if risk.score >= MIN_SCORE_TO_DECIDE:
                     decisions.extend(self._decide(risk, self._context(risk.key[1], now)))
         return decisions
 
+    def _features_now(self, key: ClusterKey, now: float) -> dict[str, float]:
+        """A key's features, computed once per tick: a member of several
+        campaigns, or a client that is also a member, is asked for repeatedly."""
+        if self._features_at != now:
+            self._features_cache.clear()
+            self._features_at = now
+        found = self._features_cache.get(key)
+        if found is None:
+            found = self._features_cache[key] = self.features.features(key, now)
+        return found
+
+    def _cadence(self, last_score: float) -> tuple[float, int]:
+        """(seconds, requests) until a client is scored again, by how risky it
+        looked last time: a clear human is looked at again after 20 more
+        requests or 30 s, an uncertain one on the short cadence, a risky one
+        (or one never scored) at every tick it is active."""
+        if last_score >= MIN_SCORE_TO_DECIDE + 15:
+            return 0.0, 1
+        if last_score >= LOW_RISK:
+            return self.rescore_every_s, RESCORE_AFTER_REQUESTS
+        return LOW_RISK_RESCORE_S, LOW_RISK_RESCORE_REQUESTS
+
+    def _prune(self, now: float) -> None:
+        """Bounded memory: forget what belongs to clients and keys gone idle."""
+        self._active = {k: until for k, until in self._active.items() if until > now}
+        horizon = now - PRUNE_AFTER_S
+        for table in (self.risks, self._cluster_risks, self._cluster_scored):
+            stale = [k for k in table if (self.features.last_seen(k) or -math.inf) < horizon]
+            for key in stale:
+                del table[key]
+        self.features.evict_idle(now, PRUNE_AFTER_S)
+
     def _view(self, addr: str, now: float) -> ClientView:
         profile = self._profiles[addr]
         key: ClusterKey = ("addr", addr)
-        features = self.features.features(key, now)
+        features = self._features_now(key, now)
         return ClientView(
             key=key,
             features=features,

@@ -15,6 +15,7 @@ and so to its JA4 and SYN signature.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections import Counter, OrderedDict
@@ -172,6 +173,7 @@ def route_template(path: str) -> str:
     return "/" + "/".join(templated)
 
 
+@functools.lru_cache(maxsize=8192)
 def endpoint_class(route: str) -> EndpointClass:
     """The class of the first path segment that names one."""
     for segment in route.strip("/").split("/"):

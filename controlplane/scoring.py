@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.exceptions import NotFittedError
-from sklearn.utils.validation import check_is_fitted
 
 from controlplane.decisions import ClusterKey, Reason, Risk
 from controlplane.models import EVIDENCE_KINDS, Finding, noisy_or, row_from
@@ -96,11 +94,7 @@ class ClientView:
 def _fitted(model: Any) -> bool:
     if model is None:
         return False
-    try:
-        check_is_fitted(model)
-    except NotFittedError:
-        return False
-    return True
+    return getattr(model, "version_", None) is not None  # see models.ensure_fitted
 
 
 class RiskScorer:

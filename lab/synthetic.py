@@ -29,10 +29,12 @@ class Client:
         self.browser = browser
         self.port = 40000
         self.flow: Flow | None = None
+        self.opened_ns = 0
 
     def connect(self, ts: float) -> Iterator[Event]:
         self.port += 1
         self.flow = Flow(self.addr, self.port, SERVER, PORT)
+        self.opened_ns = int(ts * 1e9)
         yield SynEvent(
             ts_ns=int(ts * 1e9), flow=self.flow, seq=1, ttl=64, df=True, ip_id=0,
             window=64240, mss=1460, wscale=7, options=LINUX_OPTIONS, options_len=20,
@@ -55,13 +57,15 @@ class Client:
 
     def close(self, ts: float) -> Iterator[Event]:
         if self.flow is not None:
-            yield FlowEnd(int(ts * 1e9), self.flow, FlowEndReason.FIN, 0, int(ts * 1e9), 10,
+            yield FlowEnd(int(ts * 1e9), self.flow, FlowEndReason.FIN, self.opened_ns, int(ts * 1e9), 10,
                           1000, 3, 1, 10, 5000, 2, 0.5, 0.1, True)  # fmt: skip
             self.flow = None
 
 
-def mixed_traffic(seed: int = 7, prelude_s: float = 900.0, attack_s: float = 120.0) -> list[Event]:
-    """Twelve humans alone for prelude_s (the engine learns them), then a loud
+def mixed_traffic(
+    seed: int = 7, prelude_s: float = 900.0, attack_s: float = 120.0, humans: int = 12
+) -> list[Event]:
+    """`humans` humans alone for prelude_s (the engine learns them), then a loud
     scraper and a polite stuffer on 50 addresses join them for attack_s."""
     rng = random.Random(seed)
     timeline: list[tuple[float, int, Event]] = []
@@ -90,8 +94,8 @@ def mixed_traffic(seed: int = 7, prelude_s: float = 900.0, attack_s: float = 120
             add(stuffer.close(t + 0.01))
             t += 60 * rng.uniform(0.9, 1.1)
 
-    for h in range(12):
-        human = Client(f"10.201.3.{h + 1}", CHROME_LINUX, browser=True)
+    for h in range(humans):
+        human = Client(f"10.201.{3 + h // 250}.{h % 250 + 1}", CHROME_LINUX, browser=True)
         t = t0 + rng.uniform(0, 5)
         while t < end:
             for method, path in [("GET", "/"), ("GET", f"/search?q={rng.randrange(9)}"),

@@ -65,6 +65,18 @@ def noisy_or(probabilities: Iterable[float]) -> float:
     return 1.0 - survive
 
 
+def ensure_fitted(model: object) -> None:
+    """sklearn's check_is_fitted, for the scoring hot path: every model here
+    sets version_ last in fit(), so its presence is the whole check, and
+    sklearn's walk over the estimator's attributes costs more than a finding."""
+    if getattr(model, "version_", None) is None:
+        from sklearn.exceptions import NotFittedError
+
+        raise NotFittedError(
+            f"This {type(model).__name__} instance is not fitted yet. Call 'fit' first."
+        )
+
+
 def model_version(kind: str, *parts: bytes | str) -> str:
     """A version such as "baseline-20261121T2300-3f2a": the kind, the UTC minute
     of the fit, and 4 hex digits of a digest of what it learned from, so two

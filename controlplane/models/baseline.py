@@ -43,19 +43,20 @@ against score_samples.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.ensemble import IsolationForest
-from sklearn.utils.validation import check_is_fitted
 
 from controlplane.decisions import Reason
 from controlplane.models import (
     Finding,
     as_matrix,
     describe,
+    ensure_fitted,
     fit_rarity,
     format_value,
     model_version,
@@ -81,6 +82,11 @@ ENDPOINT_GROUPS: dict[EndpointClass, str] = {
     EndpointClass.SEARCH: "browse",
     EndpointClass.OTHER: "browse",
 }
+
+
+_FLAT_COLUMNS: weakref.WeakKeyDictionary[
+    BaselineAnomaly, dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]
+] = weakref.WeakKeyDictionary()
 
 
 def endpoint_group(classes: Mapping[EndpointClass, int]) -> str:
@@ -340,7 +346,7 @@ class BaselineAnomaly(BaseEstimator):
 
     def score_samples(self, X: object, groups: Sequence[str | None] | None = None) -> np.ndarray:
         """0..1 per row of X: how far past the edge of the baseline each one is."""
-        check_is_fitted(self)
+        ensure_fitted(self)
         matrix = as_matrix(X, self.feature_names_in_)
         labels = [None] * len(matrix) if groups is None else list(groups)
         out = np.zeros(len(matrix))
@@ -360,10 +366,41 @@ class BaselineAnomaly(BaseEstimator):
 
     def feature_rarity(self, rows: np.ndarray, group: str) -> np.ndarray:
         """Per row and feature: how rare the value is among the group's training
-        values, in decades, on whichever side of the median it lies."""
-        return self._feature_rarity(
-            _symlog(rows), self.feature_sorted_[group], self.feature_tail_scale_[group]
+        values, in decades, on whichever side of the median it lies.
+
+        The same as _feature_rarity, in one searchsorted for every feature:
+        each column is sorted, so laid end to end with offsets wider than any
+        signed-log value they form one sorted array in which a value plus its
+        column's offset lands inside its own column. Per-feature numpy calls
+        on one row cost more than the search itself (scoring is per tick)."""
+        columns = self.feature_sorted_[group]
+        scales = self.feature_tail_scale_[group]
+        n, m = columns.shape
+        flat, offsets = self._flat_columns(group)
+        x = np.atleast_2d(_symlog(rows))
+        shifted = x + offsets
+        starts = np.arange(m) * n
+        above = n - (np.searchsorted(flat, shifted, side="left") - starts)
+        below = np.searchsorted(flat, shifted, side="right") - starts
+        up = -np.log10((above + 1.0) / (n + 1.0)) + np.maximum(x - columns[-1], 0.0) / (
+            scales[0] * np.log(10.0)
         )
+        down = -np.log10((below + 1.0) / (n + 1.0)) + np.maximum(columns[0] - x, 0.0) / (
+            scales[1] * np.log(10.0)
+        )
+        return np.maximum(up, down)
+
+    def _flat_columns(self, group: str) -> tuple[np.ndarray, np.ndarray]:
+        """Derived from feature_sorted_, cached per fitted state, off the
+        estimator so it is never persisted with it."""
+        cache = _FLAT_COLUMNS.setdefault(self, {})
+        key = (group, id(self.feature_sorted_[group]))
+        if key not in cache:
+            columns = self.feature_sorted_[group]
+            span = 2.0 * (float(np.abs(columns).max()) + 1e3)  # wider than any value
+            offsets = np.arange(columns.shape[1]) * span
+            cache[key] = ((columns + offsets).T.ravel(), offsets)
+        return cache[key]
 
     @staticmethod
     def _feature_rarity(
@@ -399,7 +436,7 @@ class BaselineAnomaly(BaseEstimator):
         return out
 
     def score(self, features: Mapping[str, float], group: str | None = None) -> float:
-        check_is_fitted(self)
+        ensure_fitted(self)
         return float(
             self.score_samples(row_from(features, self.feature_names_in_)[None], [group])[0]
         )
@@ -408,7 +445,7 @@ class BaselineAnomaly(BaseEstimator):
         self, features: Mapping[str, float], group: str | None = None
     ) -> list[tuple[str, float, float]]:
         """(feature, value, robust z) for observed features, furthest first."""
-        check_is_fitted(self)
+        ensure_fitted(self)
         key = self._group(group)
         row = row_from(features, self.feature_names_in_)
         z = (row - self.median_[key]) / self.scale_[key]

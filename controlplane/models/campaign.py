@@ -29,10 +29,9 @@ from typing import ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
 
 from controlplane.decisions import ClusterKey, Reason
-from controlplane.models import Finding, as_matrix, model_version, noisy_or, ramp
+from controlplane.models import Finding, as_matrix, ensure_fitted, model_version, noisy_or, ramp
 
 MODEL = "campaign"
 
@@ -177,7 +176,7 @@ class CampaignDetector(BaseEstimator):
     def findings(
         self, features: Mapping[str, float], key: ClusterKey | None = None
     ) -> list[Finding]:
-        check_is_fitted(self)
+        ensure_fitted(self)
 
         def get(name: str, default: float = 0.0) -> float:
             value = features.get(name)

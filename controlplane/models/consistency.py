@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
 
 from controlplane.decisions import Reason
-from controlplane.models import Finding, model_version, noisy_or
+from controlplane.models import Finding, ensure_fitted, model_version, noisy_or
 from sensor.fingerprint.consistency import Consistency, check_consistency
 from sensor.fingerprint.tcp import INITIAL_TTLS, TcpSignature
 
@@ -211,7 +210,7 @@ class ConsistencyModel(BaseEstimator):
         client: Address | None = None,
     ) -> ConsistencyAssessment:
         """Compare one client's layers and check any crawler it claims to be."""
-        check_is_fitted(self)
+        ensure_fitted(self)
         signature = parse_tcp_signature(tcp) if isinstance(tcp, str) else tcp
         findings: list[Finding] = []
         checked: list[str] = []

@@ -20,7 +20,9 @@ when a specific rule fires it is the reason an operator reads first.
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from itertools import pairwise
@@ -28,11 +30,11 @@ from typing import ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
 
 from controlplane.decisions import Reason
 from controlplane.models import (
     Finding,
+    ensure_fitted,
     fit_rarity,
     model_version,
     noisy_or,
@@ -57,6 +59,14 @@ def step(method: str, route: str) -> str:
     return f"{method.upper()} {route}"
 
 
+# Memoized transition probabilities per model: derived state, kept off the
+# estimator so it is never persisted with it.
+_PROBABILITIES: weakref.WeakKeyDictionary[JourneyModel, dict[tuple[str, str, str], float]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@functools.lru_cache(maxsize=8192)
 def _step_class(token: str) -> EndpointClass:
     route = token.split(" ", 1)[1] if " " in token else token
     return endpoint_class(route)
@@ -213,8 +223,22 @@ class JourneyModel(BaseEstimator):
     # ---- probabilities ----
 
     def probability(self, prev: str, token: str) -> float:
-        """P(token | prev), smoothed; unknown steps share the mass of UNKNOWN."""
-        check_is_fitted(self)
+        """P(token | prev), smoothed; unknown steps share the mass of UNKNOWN.
+        Memoized per fitted state: a site has few steps and scoring asks again
+        and again for the same transitions."""
+        version = getattr(self, "version_", None)
+        if version is None:  # while fitting
+            return self._probability(prev, token)
+        cache = _PROBABILITIES.setdefault(self, {})
+        key = (version, prev, token)
+        p = cache.get(key)
+        if p is None:
+            if len(cache) > 200_000:
+                cache.clear()
+            p = cache[key] = self._probability(prev, token)
+        return p
+
+    def _probability(self, prev: str, token: str) -> float:
         token = token if token in self.vocabulary_ or token == END else UNKNOWN
         size = len(self.vocabulary_) + 1  # + UNKNOWN
         following = self.transitions_.get(prev)
@@ -241,7 +265,7 @@ class JourneyModel(BaseEstimator):
     def mean_log_likelihood(self, session: Sequence[str]) -> float | None:
         """Average log-probability per transition, START and END included;
         None for a session too short to judge."""
-        check_is_fitted(self)
+        ensure_fitted(self)
         return self._mean_log_likelihood(session)
 
     def _state(self, token: str) -> str:
@@ -255,7 +279,7 @@ class JourneyModel(BaseEstimator):
         paths: Sequence[str] | None = None,
         enumeration: float | None = None,
     ) -> list[Finding]:
-        check_is_fitted(self)
+        ensure_fitted(self)
         session = list(session)
         generic = [*self._improbable(session), *self._unseen(session)]
         specific = [

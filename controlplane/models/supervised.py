@@ -26,7 +26,6 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import ThreadpoolController
 
 from controlplane.decisions import Reason
@@ -34,6 +33,7 @@ from controlplane.models import (
     Finding,
     as_matrix,
     describe,
+    ensure_fitted,
     format_value,
     model_version,
     nan_median,
@@ -147,7 +147,7 @@ class SupervisedClassifier(BaseEstimator):
     # ---- scoring ----
 
     def predict_proba(self, X: object) -> np.ndarray:
-        check_is_fitted(self)
+        ensure_fitted(self)
         matrix = as_matrix(X, self.feature_names_in_)
         with self._threads():
             return self.model_.predict_proba(matrix)
@@ -170,12 +170,12 @@ class SupervisedClassifier(BaseEstimator):
         return self.predict_proba(X)[:, self.classes_.index(BOT)]
 
     def score(self, features: Mapping[str, float]) -> float:
-        check_is_fitted(self)
+        ensure_fitted(self)
         return float(self.bot_probability(row_from(features, self.feature_names_in_)[None])[0])
 
     def contributions(self, features: Mapping[str, float]) -> tuple[float, np.ndarray]:
         """(P(bot), per-feature drop in P(bot) when set to the human reference)."""
-        check_is_fitted(self)
+        ensure_fitted(self)
         row = row_from(features, self.feature_names_in_)
         batch = np.repeat(row[None], len(row) + 1, axis=0)
         idx = np.arange(len(row))

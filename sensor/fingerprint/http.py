@@ -4,8 +4,14 @@ The format is documented in docs/fingerprints.md; it is not JA4H (whose
 licence is non-permissive). The fingerprint is how a client composes a
 request, not what it asks for:
 
-    {version}|{method}|{header names, lowercased, in wire order, comma-joined}
-    1.1|GET|host,user-agent,accept
+    {version}|{header names, lowercased, in wire order, comma-joined}
+    1.1|host,user-agent,accept
+
+Left out: the method and the headers that depend on the request rather than
+on the client (a body's content-type and content-length, cookie, referer,
+conditional and auth headers) and those a proxy adds (x-forwarded-*). With
+them, one client's GETs and POSTs would be two fingerprints, and the POST one
+would look like a flood of writes.
 
 and its hash is the first 12 hex digits of the SHA-256 of that string.
 
@@ -34,6 +40,17 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VERSION = re.compile(r"HTTP/(\d\.\d)")
 # What is left of "HTTP/1.1" when the capture cuts the request line inside it.
 _CUT_VERSION = re.compile(r"(H(T(T(P(/(\d(\.\d?)?)?)?)?)?)?)?")
+
+
+# Headers that say what this request is, not who composes requests.
+PER_REQUEST_HEADERS = frozenset(
+    {
+        "content-length", "content-type", "transfer-encoding", "expect",
+        "cookie", "referer", "origin", "authorization", "range",
+        "if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
+        "x-forwarded-for", "x-forwarded-port", "x-forwarded-proto", "x-real-ip", "forwarded",
+    }
+)  # fmt: skip
 
 
 class HttpParseError(ValueError):
@@ -69,7 +86,8 @@ class HttpFingerprint:
 
     @property
     def fingerprint(self) -> str:
-        return f"{self.version or '-'}|{self.method}|{','.join(self.header_names)}"
+        names = (n for n in self.header_names if n not in PER_REQUEST_HEADERS)
+        return f"{self.version or '-'}|{','.join(names)}"
 
     @property
     def hash(self) -> str:
