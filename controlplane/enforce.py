@@ -151,7 +151,7 @@ Scope = ipaddress.IPv4Network | ipaddress.IPv6Network | None
 
 
 def parse_ja4_target(target: str) -> tuple[str, Scope]:
-    """"<ja4>" or "<ja4>@<address or CIDR>" -> (ja4, the network it is limited to)."""
+    """ "<ja4>" or "<ja4>@<address or CIDR>" -> (ja4, the network it is limited to)."""
     ja4, _, scope = target.partition("@")
     return ja4, ipaddress.ip_network(scope, strict=False) if scope else None
 
