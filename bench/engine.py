@@ -79,6 +79,14 @@ def throughput() -> dict[str, Any]:
         engine.process(event)
     engine.tick()
     engine_s = time.perf_counter() - started
+    # The per-event path alone (observer, features, enforcement) with scoring
+    # held off: what the engine costs before any model runs.
+    quiet = _engine(learning_s=0.0)
+    quiet.score_every_s = 1e12
+    started = time.perf_counter()
+    for event in events:
+        quiet.process(event)
+    unscored_s = time.perf_counter() - started
     kinds: dict[str, int] = {}
     for e in events:
         kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
@@ -87,6 +95,7 @@ def throughput() -> dict[str, Any]:
         "event_mix": kinds,
         "seconds": round(engine_s, 3),
         "events_per_s": round(len(events) / engine_s),
+        "events_per_s_without_scoring": round(len(events) / unscored_s),
         "walk_events_per_s": round(len(events) / walk_s) if walked >= 0 else None,
         "ratio_to_walk": round(engine_s / walk_s, 1),
         "models_trained": engine.scorer.trained(),

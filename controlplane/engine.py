@@ -547,7 +547,10 @@ def campaign_inputs(features: Mapping[str, float], key: ClusterKey) -> dict[str,
         # Fano factor - 1 is 0 for independent clients, n-1 for n in lockstep:
         # squash it to 0..1.
         "synchrony": sync / (1.0 + sync),
-        "fingerprint_rarity": features.get(rarity_by_kind.get(key[0], "ja4_rarity"), 0.0),
+        # The store's rarity is -ln(share) in nats; the model reads 0..1,
+        # and 1 - e^-rarity is about 1 - share.
+        "fingerprint_rarity": 1.0
+        - math.exp(-features.get(rarity_by_kind.get(key[0], "ja4_rarity"), 0.0)),
         "new_addr_share": features.get("new_addr_share", 0.0),
     }
 

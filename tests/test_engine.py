@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from controlplane.decisions import Action, Decision, TargetKind
@@ -108,5 +110,5 @@ def test_campaign_inputs_from_features() -> None:
     assert inputs["login_attempts_600s"] == 300.0
     assert inputs["login_failure_share"] == 0.9
     assert inputs["synchrony"] == 0.5
-    assert inputs["fingerprint_rarity"] == 3.0
+    assert inputs["fingerprint_rarity"] == pytest.approx(1 - math.exp(-3.0))
     assert inputs["distinct_addrs"] == 40.0
