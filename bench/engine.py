@@ -35,8 +35,8 @@ from typing import Any
 from scapy.all import IP, TCP, Ether, Raw, rdpcap
 
 from controlplane.decisions import Action, Decision, TargetKind
-from controlplane.engine import Engine
 from controlplane.enforce import Enforcer
+from controlplane.engine import Engine
 from controlplane.models.campaign import CampaignDetector
 from controlplane.models.consistency import ConsistencyModel
 from controlplane.policy import Policy, PolicyEngine
