@@ -57,8 +57,23 @@ class Client:
 
     def close(self, ts: float) -> Iterator[Event]:
         if self.flow is not None:
-            yield FlowEnd(int(ts * 1e9), self.flow, FlowEndReason.FIN, self.opened_ns, int(ts * 1e9), 10,
-                          1000, 3, 1, 10, 5000, 2, 0.5, 0.1, True)  # fmt: skip
+            yield FlowEnd(
+                ts_ns=int(ts * 1e9),
+                flow=self.flow,
+                reason=FlowEndReason.FIN,
+                first_ns=self.opened_ns,
+                last_ns=int(ts * 1e9),
+                packets=10,
+                bytes=1000,
+                data_segments=3,
+                syn_count=1,
+                server_packets=10,
+                server_bytes=5000,
+                gap_count=2,
+                gap_mean_us=0.5,
+                gap_var_us2=0.1,
+                seen_syn=True,
+            )
             self.flow = None
 
 
