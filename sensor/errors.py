@@ -6,7 +6,8 @@
     │   ├── AttachError        an interface: missing, busy, wrong mode
     │   └── MapError           a kernel map could not be read or written
     ├── ConfigError            settings that cannot work
-    └── PolicyError            a policy that cannot be applied
+    ├── PolicyError            a policy that cannot be applied
+    └── StoreError             the durable store (controlplane/store.py)
 
 BCC raises bare Exception: the sensor catches it at its boundary and re-raises
 one of these with the interface and the program named.
