@@ -43,7 +43,7 @@ from controlplane.policy import Policy, PolicyEngine
 from controlplane.scoring import RiskScorer
 from lab.synthetic import Client, mixed_traffic
 from lab.traffic import PYTHON_REQUESTS
-from sensor.events import Event
+from sensor.events import Event, HttpRequestHead, HttpResponseStatus
 from sensor.fingerprint.ja4 import ja4
 from sensor.fingerprint.reassembly import extract_client_hello
 from sensor.fingerprint.tls import parse_client_hello
@@ -215,8 +215,10 @@ def behaviour_latency() -> dict[str, Any]:
                 head = (f"POST /login HTTP/1.1\r\nHost: shop.test\r\nUser-Agent: {CHROME_WINDOWS}"
                         "\r\nAccept: */*\r\n\r\n").encode()  # fmt: skip
                 flags = "S" if n == 0 else "PA"
-                packet = Ether() / IP(src=src, dst="192.0.2.1") / TCP(
-                    sport=30000 + c, dport=8080, flags=flags, seq=1 + n * len(head)
+                packet = (
+                    Ether()
+                    / IP(src=src, dst="192.0.2.1")
+                    / TCP(sport=30000 + c, dport=8080, flags=flags, seq=1 + n * len(head))
                 )
                 if n:
                     packet = packet / Raw(head)
@@ -224,6 +226,11 @@ def behaviour_latency() -> dict[str, Any]:
                 for event in source.poll(0):
                     last_ts = event.ts_ns / 1e9
                     made = engine.process(event)
+                    if isinstance(event, HttpRequestHead):
+                        # The server's answer, as the tc egress program reports
+                        # it live: test runs exercise the XDP program only.
+                        answer = HttpResponseStatus(event.ts_ns + 100_000, event.flow, 401, 0, 60)
+                        made += engine.process(answer)
                     decided = decided or any(d.target == src for d in made)
                 now = time.clock_gettime(time.CLOCK_MONOTONIC)
                 if now >= (engine._next_tick or 0):

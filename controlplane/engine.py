@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -71,6 +71,7 @@ MIN_SCORE_TO_DECIDE = 25.0
 # what it came for. Learning and scoring cut sessions the same way.
 SESSION_GAP_S = 30.0
 STEPS_KEPT = 32
+FLOWS_KEPT = 8  # a client's latest connections, to cut them under a tarpit
 # Too few sessions teach the journey model nothing it can be trusted with.
 MIN_JOURNEY_SESSIONS = 10
 MIN_BASELINE_VECTORS = 200
@@ -81,19 +82,20 @@ NOT_BASELINE = frozenset({"age_s"})
 CUT_FLOW_TTL_S = 120.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Profile:
-    """The latest of one client address, for its ClientView and its context."""
+    """The latest of one client address, for its ClientView and its context.
+    Slotted and plain-typed: there is one per tracked client."""
 
     user_agent: str | None = None
     ja4: str | None = None
     tcp: str | None = None
     endpoint_class: EndpointClass = EndpointClass.OTHER
-    classes: Counter[EndpointClass] = field(default_factory=Counter)
+    classes: dict[EndpointClass, int] = field(default_factory=dict)
     steps: list[str] = field(default_factory=list)  # this session's, at most STEPS_KEPT
     paths: list[str] = field(default_factory=list)
     last_request_ts: float = -math.inf
-    flows: deque[str] = field(default_factory=lambda: deque(maxlen=8))
+    flows: list[str] = field(default_factory=list)  # the latest FLOWS_KEPT
     fingerprints: set[tuple[str | None, str | None]] = field(default_factory=set)
     last_ts: float = 0.0
     last_scored: float = -math.inf
@@ -154,7 +156,9 @@ class Engine:
         self._features_cache: dict[ClusterKey, dict[str, float]] = {}
         self._features_at = math.nan
         self.stats = EngineStats()
-        self.risks: dict[ClusterKey, Risk] = {}  # latest risk per client and cluster
+        # The latest risk per cluster, and per client scoring LOW_RISK or more
+        # (a lower score is in the client's profile, without its reasons).
+        self.risks: dict[ClusterKey, Risk] = {}
         self._on_decision = on_decision
         self._profiles: OrderedDict[str, _Profile] = OrderedDict()
         self._max_profiles = max_profiles
@@ -242,14 +246,18 @@ class Engine:
                     decisions.append(made)
                     self.stats.decisions += 1
             if obs.server is not None:
-                profile.flows.append(f"{_hostport(addr, obs.client_port)}->"
-                                     f"{_hostport(str(obs.server), obs.server_port)}")  # fmt: skip
+                client, server = (
+                    _hostport(addr, obs.client_port),
+                    _hostport(str(obs.server), obs.server_port),
+                )
+                profile.flows.append(f"{client}->{server}")
+                del profile.flows[:-FLOWS_KEPT]
             if obs.stage is ConnectionStage.SYN:
                 return  # a SYN alone says little; its client is scored on more
         if isinstance(obs, Request):
             profile.user_agent = obs.user_agent or profile.user_agent
             profile.endpoint_class = obs.endpoint_class
-            profile.classes[obs.endpoint_class] += 1
+            profile.classes[obs.endpoint_class] = profile.classes.get(obs.endpoint_class, 0) + 1
             if obs.ts - profile.last_request_ts > SESSION_GAP_S:
                 self._end_session(addr, profile)
             profile.last_request_ts = obs.ts
@@ -337,8 +345,14 @@ class Engine:
         if views:
             for risk in self.scorer.score_clients(views, self._cluster_risks):
                 self.stats.clients_scored += 1
-                self.risks[risk.key] = risk
                 self._profiles[risk.key[1]].last_score = risk.score
+                # The full Risk (reasons, versions) only where it says something:
+                # most clients are plainly human, and one Risk each would cost
+                # more memory than everything else kept about them.
+                if risk.score >= LOW_RISK:
+                    self.risks[risk.key] = risk
+                else:
+                    self.risks.pop(risk.key, None)
                 if risk.score >= MIN_SCORE_TO_DECIDE:
                     decisions.extend(self._decide(risk, self._context(risk.key[1], now)))
         return decisions
