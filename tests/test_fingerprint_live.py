@@ -109,7 +109,10 @@ def observe(live: Live, run: Callable[[Topology], ClientResult]) -> Seen:
     segments = _hello_segments(live.wait_for(assembled), client)
     assembler = HelloAssembler()
     complete = list(assembler.process(segments))
-    assert not (set(assembler.stats) - {"completed"}), f"lost hellos: {assembler.stats}"
+    # A segment after a complete hello is surplus, not loss: the kernel takes one
+    # more when a hello's first record cannot hold it (it cannot see the rest).
+    lost = set(assembler.stats) - {"completed", "surplus_after_complete"}
+    assert not lost, f"lost hellos: {assembler.stats}"
     return Seen(segments, complete, [parse_client_hello(h.handshake) for h in complete])
 
 
@@ -222,7 +225,14 @@ def test_split_python_hello_keeps_its_fingerprint(
     )
     assert len(seen.hellos) == 1
     segments = seen.segments_of(0)
-    assert [s.segment_index for s in segments] == list(range(1, segment_count + 1))
+    expected = list(range(1, segment_count + 1))
+    if mode == "records" and segment_count == 1:
+        # The first record cannot hold the hello and the kernel cannot see that
+        # the second record is in the same segment: it takes the next one too,
+        # and the assembler counts that one as surplus.
+        expected = [1, 2]
+    assert [s.segment_index for s in segments] == expected
+    segments = segments[:segment_count]
 
     # The same library with the same settings: the same size, SNI, extension
     # order (JA3 keeps wire order) and JA4 as the hello sent whole.

@@ -16,7 +16,7 @@ cut at the byte limit, records that are not handshake records) is counted in
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -80,6 +80,11 @@ class HelloAssembler:
         self.max_pending = max_pending
         self.stats: Counter[str] = Counter()
         self._pending: dict[tuple[Flow, int], _PendingHello] = {}
+        # Hellos completed lately. The kernel takes the next segment too when
+        # the first record cannot hold the hello, because it cannot see where a
+        # hello split over several records ends: when they all fit in one
+        # segment, the next one is surplus, not a hello lost.
+        self._completed: OrderedDict[tuple[Flow, int], None] = OrderedDict()
 
     def __len__(self) -> int:
         """Hellos waiting for a continuation segment."""
@@ -102,7 +107,10 @@ class HelloAssembler:
         else:
             found = self._pending.pop(key, None)
             if found is None:
-                self.stats["orphan_segment"] += 1
+                if self._completed.pop(key, False) is None:
+                    self.stats["surplus_after_complete"] += 1
+                else:
+                    self.stats["orphan_segment"] += 1
                 return None
             if segment.segment_index != found.segments + 1:
                 self.stats["incomplete_segment_skipped"] += 1
@@ -133,6 +141,9 @@ class HelloAssembler:
                 self._remember(key, pending)
             return None
         self.stats["completed"] += 1
+        self._completed[key] = None
+        if len(self._completed) > self.max_pending:
+            self._completed.popitem(last=False)
         return CompleteHello(
             flow=segment.flow,
             hello_index=segment.hello_index,
