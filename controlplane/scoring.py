@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -89,6 +89,15 @@ class ClientView:
     group: str | None = None  # baseline.endpoint_group() of the client
     clusters: Sequence[ClusterKey] = ()  # its cluster keys, to inherit campaigns
     ts: float = 0.0
+
+
+class _Models(NamedTuple):
+    """The per-client models as one batch read them."""
+
+    consistency: ConsistencyModel | None
+    baseline: BaselineAnomaly | None
+    journey: JourneyModel | None
+    supervised: SupervisedClassifier | None
 
 
 def _fitted(model: Any) -> bool:
@@ -166,24 +175,30 @@ class RiskScorer:
     def score_clients(
         self, views: Sequence[ClientView], cluster_risks: Mapping[ClusterKey, Risk] | None = None
     ) -> list[Risk]:
-        """Score many clients; the vector models score them in one batch each."""
-        trained = self.trained()
+        """Score many clients; the vector models score them in one batch each.
+
+        The models are read once for the whole batch: learning may swap one
+        from its thread, and a batch must not mix two versions."""
+        models = _Models(self.consistency, self.baseline, self.journey, self.supervised)
+        trained = {name: _fitted(getattr(models, name)) for name in _Models._fields}
+        trained["campaign"] = _fitted(self.campaign)
         baseline_p = supervised_p = None
         if trained["baseline"] and views:
-            assert self.baseline is not None
-            names = self.baseline.feature_names_in_
+            assert models.baseline is not None
+            names = models.baseline.feature_names_in_
             matrix = np.stack([row_from(v.features, names) for v in views])
-            baseline_p = self.baseline.score_samples(matrix, [v.group for v in views])
+            baseline_p = models.baseline.score_samples(matrix, [v.group for v in views])
         if trained["supervised"] and views:
-            assert self.supervised is not None
-            names = self.supervised.feature_names_in_
+            assert models.supervised is not None
+            names = models.supervised.feature_names_in_
             matrix = np.stack([row_from(v.features, names) for v in views])
-            supervised_p = self.supervised.bot_probability(matrix)
+            supervised_p = models.supervised.bot_probability(matrix)
         risks = []
         for i, view in enumerate(views):
             risks.append(
                 self._score_one(
                     view,
+                    models,
                     trained,
                     None if baseline_p is None else float(baseline_p[i]),
                     None if supervised_p is None else float(supervised_p[i]),
@@ -195,6 +210,7 @@ class RiskScorer:
     def _score_one(
         self,
         view: ClientView,
+        models: _Models,
         trained: Mapping[str, bool],
         baseline_p: float | None,
         supervised_p: float | None,
@@ -205,12 +221,12 @@ class RiskScorer:
         cap = None
         notes: list[Reason] = []
         if trained["consistency"]:
-            assert self.consistency is not None
-            assessment = self.consistency.assess(
+            assert models.consistency is not None
+            assessment = models.consistency.assess(
                 user_agent=view.user_agent, ja4=view.ja4, tcp=view.tcp, client=view.address
             )
             findings["consistency"] = list(assessment.findings)
-            versions["consistency"] = self.consistency.version_
+            versions["consistency"] = models.consistency.version_
             if assessment.verified_crawler is not None:
                 cap = self.verified_crawler_cap
                 notes.append(
@@ -223,17 +239,17 @@ class RiskScorer:
                     )
                 )
         if trained["baseline"] and baseline_p is not None:
-            assert self.baseline is not None
-            findings["baseline"] = self.baseline.findings(view.features, view.group, baseline_p)
-            versions["baseline"] = self.baseline.version_
+            assert models.baseline is not None
+            findings["baseline"] = models.baseline.findings(view.features, view.group, baseline_p)
+            versions["baseline"] = models.baseline.version_
         if trained["journey"] and view.steps:
-            assert self.journey is not None
-            findings["journey"] = self.journey.findings(view.steps, view.paths)
-            versions["journey"] = self.journey.version_
+            assert models.journey is not None
+            findings["journey"] = models.journey.findings(view.steps, view.paths)
+            versions["journey"] = models.journey.version_
         if trained["supervised"] and supervised_p is not None:
-            assert self.supervised is not None
-            findings["supervised"] = self.supervised.findings(view.features, supervised_p)
-            versions["supervised"] = self.supervised.version_
+            assert models.supervised is not None
+            findings["supervised"] = models.supervised.findings(view.features, supervised_p)
+            versions["supervised"] = models.supervised.version_
         inherited = self._campaign_membership(view, cluster_risks)
         if inherited is not None:
             finding, version = inherited
