@@ -300,3 +300,14 @@ def test_second_hello_after_hello_retry_request_from_a_capture(tmp_path: Path) -
     hellos = list(HelloAssembler().process(ReplaySource(capture).events()))
 
     assert [(h.hello_index, h.handshake) for h in hellos] == [(1, BIG_HELLO), (2, second_hello)]
+
+
+def test_a_segment_after_a_completed_hello_is_surplus_not_lost() -> None:
+    """The kernel takes the next segment when a hello's first record cannot hold
+    it; if the other records were in the same segment, that one is surplus."""
+    stream = tls_records(BIG_HELLO)
+    assembler = HelloAssembler()
+    assert assembler.feed(segment(stream)) is not None
+    assert assembler.feed(segment(b"\x17\x03\x03\x00\x01\x00", 2, seq=SEQ + len(stream))) is None
+    assert assembler.stats == {"completed": 1, "surplus_after_complete": 1}
+    assert len(assembler) == 0

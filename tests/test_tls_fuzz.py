@@ -221,7 +221,8 @@ def test_assembler_on_random_segment_sequences(case: Case) -> None:
 
 
 ASSEMBLER_OUTCOMES = {
-    "completed", "orphan_segment", "bad_segment_index", "incomplete_replaced",
+    "completed", "orphan_segment", "surplus_after_complete", "bad_segment_index",
+    "incomplete_replaced",
     "incomplete_segment_skipped", "incomplete_out_of_order", "incomplete_truncated",
     "incomplete_segment_limit", "incomplete_evicted", "invalid_record_type",
     "invalid_record_version", "invalid_record_length", "not_client_hello", "hello_too_large",
