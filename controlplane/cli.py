@@ -323,7 +323,8 @@ def show(
         out.print(_text(data))
         return
     # The risk may be nested ({"risk": {"score", "reasons"}}) or flat.
-    risk = data.get("risk") if isinstance(data.get("risk"), dict) else {}
+    nested = data.get("risk")
+    risk: dict[str, Any] = nested if isinstance(nested, dict) else {}
     reasons = data.get("reasons") or risk.get("reasons") or []
     # Reasons and decisions read best as lists; everything else as key/value.
     rest = {k: v for k, v in data.items() if k not in ("reasons", "decisions", "risk")}
@@ -846,6 +847,20 @@ def replay_report(
     # Riskiest first; the unscored (a SYN and nothing more) last.
     clients.sort(key=lambda c: (-(c["risk"] if c["risk"] is not None else -1), c["address"]))
     return {"capture": str(pcap), "packets": packets, "clients": clients, "decisions": rows}
+
+
+# ---- run: the agent (controlplane.agent parses its own options) ----
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def run(ctx: typer.Context) -> None:
+    """Run the agent: sensor, engine, store and admin API (`botwall run --help`)."""
+    from controlplane.agent import main as agent_main
+
+    raise typer.Exit(agent_main(ctx.args))
 
 
 if __name__ == "__main__":

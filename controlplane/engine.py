@@ -444,11 +444,13 @@ class Engine:
                 continue
             if ctx.now is not None:
                 self._active[key] = ctx.now + decision.ttl_s / 2
+            # The callback (the agent's store) first: a verdict reaches the
+            # kernel only once its record exists.
+            if self._on_decision is not None:
+                self._on_decision(decision, risk)
             self.enforcer.apply(decision, event_ts=risk.ts)
             self.stats.decisions += 1
             made.append(decision)
-            if self._on_decision is not None:
-                self._on_decision(decision, risk)
         return made
 
     @staticmethod

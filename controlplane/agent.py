@@ -1,0 +1,772 @@
+"""`botwall run`: the sensor, the engine, the store and the admin API in one process.
+
+    ControlPlane   store + engine + enforcer + policy + learning: everything the
+                   admin API talks to, and nothing that needs the kernel (the
+                   API tests build one with Enforcer(None)).
+    Agent          a ControlPlane over a live Sensor: attaches XDP, reconciles
+                   the pinned verdict maps with the store, runs the engine loop
+                   in the main thread and the admin API (uvicorn) in another.
+
+Order of writes: the store first, then the kernel. A verdict in the kernel
+without its record would be one nobody can account for or revoke; a record
+whose kernel write failed is put right by the next reconcile (at start).
+
+Threads: the engine loop owns the Engine; API handlers run in uvicorn's
+threadpool. One lock (`ControlPlane.lock`) serialises every use of the
+Engine and the Enforcer, which are not thread-safe. The Store has its own lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import math
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from controlplane.decisions import Action, Decision, Risk, TargetKind
+from controlplane.enforce import Enforcer
+from controlplane.engine import Engine, stats_dict
+from controlplane.learning import (
+    KIND as SUPERVISED_KIND,
+)
+from controlplane.learning import (
+    STATUS_SHADOW,
+    LearningLoop,
+    Retrainer,
+    TrainingSet,
+)
+from controlplane.models.campaign import CampaignDetector
+from controlplane.models.consistency import ConsistencyModel
+from controlplane.policy import Policy, PolicyEngine
+from controlplane.scoring import RiskScorer
+from controlplane.settings import Settings, load_settings
+from controlplane.store import (
+    DB_NAME,
+    DecisionRecord,
+    ModelNotFound,
+    ModelRecord,
+    Store,
+    canonical_target,
+    kernel_key,
+    reconcile,
+)
+from sensor.abi import VerdictKind
+from sensor.errors import BotwallError, PolicyError
+from sensor.verdicts import VerdictMaps
+
+log = logging.getLogger("botwall.agent")
+
+TOKEN_FILE = "admin.token"
+# A client an operator says is human is allowed this long: long enough for the
+# models to learn the label (or the operator to look), short enough that a
+# mistaken label does not open the door for good.
+FEEDBACK_ALLOW_TTL_S = 900.0
+MANUAL_RULE = "manual"
+EXPIRE_EVERY_S = 10.0
+POLL_MS = 100
+# Throttle rates a manual throttle gets when the operator names none.
+DEFAULT_THROTTLE_CONN_PER_S = 1.0
+DEFAULT_THROTTLE_PKT_PER_S = 50.0
+
+
+class StoreRegistry:
+    """learning.ModelRegistry over the Store: the learner's vocabulary (kind,
+    "shadow") mapped to the store's (one version namespace, "candidate")."""
+
+    def __init__(self, store: Store, actor: str = "learning") -> None:
+        self.store = store
+        self.actor = actor
+
+    def register_model(
+        self,
+        *,
+        kind: str,
+        version: str,
+        path: str,
+        feature_names: Sequence[str],
+        status: str,
+        comparison: Mapping[str, Any] | None,
+    ) -> None:
+        self.store.register_model(
+            kind,
+            version,
+            path,
+            {"feature_names": list(feature_names)},
+            "candidate" if status == STATUS_SHADOW else status,
+            actor=self.actor,
+            comparison=comparison,
+        )
+
+    def set_model_status(self, kind: str, version: str, status: str) -> None:
+        self.store.set_model_status(
+            version, "candidate" if status == STATUS_SHADOW else status, self.actor
+        )
+
+    def live_model(self, kind: str) -> _PathRecord | None:
+        record = self.store.live_model(kind)
+        return None if record is None else _PathRecord(record)
+
+    def model(self, kind: str, version: str) -> _PathRecord | None:
+        try:
+            record = self.store.get_model(version)
+        except ModelNotFound:
+            return None
+        return _PathRecord(record) if record.kind == kind else None
+
+
+class _PathRecord:
+    """A store ModelRecord as learning.ModelRecord sees it (path as text)."""
+
+    def __init__(self, record: ModelRecord) -> None:
+        self.version = record.version
+        self.path = str(record.path)
+
+
+def _finite(features: Mapping[str, float]) -> dict[str, float]:
+    # A feature not yet defined for a client is NaN; the store refuses NaN.
+    return {k: float(v) for k, v in features.items() if math.isfinite(v)}
+
+
+def _target_kind(target: str) -> TargetKind:
+    """What a target text names: "a/b" a CIDR, "x_y_z" a JA4, else an address."""
+    if "->" in target:
+        return TargetKind.FLOW
+    if "_" in target:
+        return TargetKind.JA4
+    if "/" in target:
+        return TargetKind.CIDR
+    return TargetKind.ADDRESS
+
+
+class ControlPlane:
+    """What the admin API works on. No kernel needed: `verdicts` None means the
+    Enforcer records decisions without writing maps."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        verdicts: VerdictMaps | None = None,
+        policy_file: Path | None = None,
+        score_every_s: float = 0.5,
+        learning_s: float = 0.0,
+        counters: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
+        self.store = store
+        self.verdicts = verdicts
+        self.lock = threading.RLock()
+        self.started_at = time.time()
+        self._counters = counters
+        self.policy_text, policy = self._initial_policy(policy_file)
+        self.policy_engine = PolicyEngine(policy)
+        self.enforcer = Enforcer(verdicts)
+        self.scorer = RiskScorer(
+            consistency=ConsistencyModel().fit(), campaign=CampaignDetector().fit()
+        )
+        self.engine = Engine(
+            scorer=self.scorer,
+            policy=self.policy_engine,
+            enforcer=self.enforcer,
+            score_every_s=score_every_s,
+            learning_s=learning_s,
+            on_decision=self._on_engine_decision,
+        )
+        self.training = TrainingSet()
+        self.learning = LearningLoop(
+            self.training,
+            Retrainer(store.state_dir / "models", StoreRegistry(store)),
+            self.scorer,
+        )
+        self.store_errors = 0
+        self._load_learning_state()
+
+    def _load_learning_state(self) -> None:
+        """Stored labels back into the training set; the live supervised model
+        back into the scorer. A model file that is refused is logged and left
+        out: the agent runs on the other models rather than not at all."""
+        for label in self.store.labels():
+            if label.features:
+                self.training.add_feedback(
+                    label.features,
+                    label.label,
+                    key=(label.subject_kind, label.subject),
+                    ts=label.ts,
+                )
+        live = self.store.live_model(SUPERVISED_KIND)
+        if live is not None:
+            try:
+                self.learning.promote_version(live.version)
+            except (BotwallError, ValueError, OSError) as exc:
+                log.error("live model %s not loaded: %s", live.version, exc)
+
+    def _initial_policy(self, policy_file: Path | None) -> tuple[str, Policy]:
+        """The store's current policy (what an operator last PUT), else the file, else default."""
+        stored = self.store.current_policy()
+        if stored is not None:
+            try:
+                return stored, Policy.validate_text(stored)
+            except PolicyError as exc:
+                log.error("stored policy no longer validates (%s); falling back", exc)
+        if policy_file is not None:
+            text = Path(policy_file).read_text(encoding="utf-8")
+            return text, Policy.from_toml(text, Path(policy_file).parent)
+        from importlib import resources
+
+        text = resources.files("controlplane").joinpath("default_policy.toml").read_text("utf-8")
+        return text, Policy.from_toml(text)
+
+    # ---- start-up ----
+
+    def restore(self) -> dict[str, int]:
+        """Puts the kernel in line with the store (reconcile), re-arms JA4
+        verdicts and writes the policy's allow list."""
+        with self.lock:
+            written = removed = 0
+            if self.verdicts is not None:
+                report = reconcile(self.store, self.verdicts)
+                written, removed = report.written, report.removed
+                ja4 = report.ja4_decisions
+            else:
+                now = self.store.clock()
+                ja4 = [
+                    r.with_remaining_ttl(now)
+                    for r in self.store.live_decisions(now)
+                    if r.decision.target_kind is TargetKind.JA4
+                ]
+            for decision in ja4:
+                self.enforcer.apply(decision)
+            self._write_allow_list()
+            return {"written": written, "removed": removed, "ja4": len(ja4)}
+
+    def _write_allow_list(self) -> None:
+        for decision in self.policy_engine.policy.allow_decisions():
+            self.enforcer.apply(decision)
+
+    # ---- engine decisions ----
+
+    def _on_engine_decision(self, decision: Decision, _risk: Risk) -> None:
+        """Records an engine decision (the engine calls this before it enforces).
+        A store failure is logged and counted, never allowed to stop the engine."""
+        try:
+            self.store.record_decision(decision, source="engine", actor="engine")
+        except (BotwallError, ValueError) as exc:
+            self.store_errors += 1
+            log.error("could not record decision on %s: %s", decision.target, exc)
+
+    # ---- reads ----
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            engine = stats_dict(self.engine)
+        kernel = dict(self._counters()) if self._counters is not None else {}
+        return {
+            "uptime_s": time.time() - self.started_at,
+            "enforcing": self.enforcer.enforcing,
+            "engine": engine,
+            "kernel": kernel,
+            "events_lost": kernel.get("event_lost", 0),
+            "decision_latency": {
+                k: v for k, v in engine.items() if k.endswith(("_p50_s", "_p99_s"))
+            },
+            "store_errors": self.store_errors,
+            "live_decisions": len(self.store.live_decisions()),
+        }
+
+    def latency_samples(self) -> list[float]:
+        with self.lock:
+            return [
+                *self.enforcer.fingerprint_latency.samples,
+                *self.enforcer.behaviour_latency.samples,
+            ]
+
+    def _risk_dict(self, risk: Risk) -> dict[str, Any]:
+        return {
+            "kind": risk.key[0],
+            "key": risk.key[1],
+            "score": risk.score,
+            "reasons": [asdict(r) for r in risk.reasons],
+            "model_versions": dict(risk.model_versions),
+            "evidence": sorted(risk.evidence),
+            "ts": risk.ts,
+        }
+
+    def clients(self, sort: str = "risk", limit: int = 50) -> list[dict[str, Any]]:
+        with self.lock:
+            risks = [r for k, r in self.engine.risks.items() if k[0] == "addr"]
+        if sort == "risk":
+            risks.sort(key=lambda r: (-r.score, r.key[1]))
+        elif sort == "recent":
+            risks.sort(key=lambda r: -r.ts)
+        else:
+            risks.sort(key=lambda r: r.key[1])
+        return [{"addr": r.key[1], **self._risk_dict(r)} for r in risks[:limit]]
+
+    def client(self, addr: str) -> dict[str, Any] | None:
+        """One client: its risk (if it said anything), features and decisions;
+        None if the engine has never seen it and nothing is recorded."""
+        canonical = canonical_target(TargetKind.ADDRESS, addr)
+        key = ("addr", canonical)
+        with self.lock:
+            risk = self.engine.risks.get(key)
+            seen = self.engine.features.last_seen(key)
+            features = _finite(self.engine.features.features(key, seen)) if seen is not None else {}
+        decisions = [r.as_dict() for r in self.store.list_decisions(target=canonical)]
+        if risk is None and seen is None and not decisions:
+            return None
+        return {
+            "addr": canonical,
+            "risk": None if risk is None else self._risk_dict(risk),
+            "last_seen": seen,
+            "features": features,
+            "decisions": decisions,
+        }
+
+    def clusters(self) -> list[dict[str, Any]]:
+        with self.lock:
+            risks = [r for k, r in self.engine.risks.items() if k[0] != "addr"]
+        risks.sort(key=lambda r: -r.score)
+        return [self._risk_dict(r) for r in risks]
+
+    def decisions(
+        self, limit: int = 100, include_expired: bool = False, include_revoked: bool = False
+    ) -> list[DecisionRecord]:
+        return self.store.list_decisions(
+            limit=limit, include_expired=include_expired, include_revoked=include_revoked
+        )
+
+    # ---- decisions ----
+
+    def add_decision(
+        self,
+        action: str,
+        target: str,
+        ttl_s: float,
+        reason: str,
+        actor: str,
+        *,
+        source: str = "manual",
+        throttle_connections_per_s: float = 0.0,
+        throttle_packets_per_s: float = 0.0,
+        tarpit_syns: int = 0,
+    ) -> DecisionRecord:
+        """A manual verdict: recorded, then enforced. ValueError for a target
+        the action cannot apply to (store._TARGETS_OF), naming both."""
+        act = Action(action)
+        kind = _target_kind(target)
+        if act is Action.BLOCK and kind is TargetKind.FLOW:
+            act = Action.BLOCK_FLOW
+        if act is Action.THROTTLE and not (throttle_connections_per_s or throttle_packets_per_s):
+            throttle_connections_per_s = DEFAULT_THROTTLE_CONN_PER_S
+            throttle_packets_per_s = DEFAULT_THROTTLE_PKT_PER_S
+        decision = Decision(
+            action=act,
+            target_kind=kind,
+            target=target,
+            ttl_s=ttl_s,
+            reason=reason,
+            rule=MANUAL_RULE if source == "manual" else source,
+            score=0.0 if act is Action.ALLOW else 100.0,
+            throttle_connections_per_s=throttle_connections_per_s,
+            throttle_packets_per_s=throttle_packets_per_s,
+            tarpit_syns=tarpit_syns,
+            ts=time.clock_gettime(time.CLOCK_MONOTONIC),
+        )
+        record = self.store.record_decision(decision, source=source, actor=actor)
+        with self.lock:
+            self.enforcer.apply(record.decision)
+        return record
+
+    def revoke(self, decision_id: str, actor: str, reason: str = "revoked") -> DecisionRecord:
+        """Ends a decision: the store first, then the kernel; other live
+        decisions on the same target (and the allow list) are put back."""
+        record = self.store.revoke_decision(decision_id, actor, reason)
+        self._unenforce(record.decision)
+        return record
+
+    def _unenforce(self, decision: Decision) -> None:
+        target = decision.target
+        with self.lock:
+            if decision.target_kind is TargetKind.JA4:
+                self.enforcer.revoke(target)
+            elif self.verdicts is not None:
+                key = kernel_key(decision)
+                if key is not None:
+                    _remove_kernel(self.verdicts, key[0], target)
+            # Whatever else stands on this target goes back in, with the TTL it has left.
+            now = self.store.clock()
+            for other in self.store.live_decisions(now):
+                if other.decision.target == target:
+                    self.enforcer.apply(other.with_remaining_ttl(now))
+            for allow in self.policy_engine.policy.allow_decisions():
+                if allow.target == target:
+                    self.enforcer.apply(allow)
+
+    # ---- policy ----
+
+    def set_policy(self, text: str, actor: str) -> None:
+        """Validates, stores and swaps in a policy; PolicyError leaves the old one running."""
+        policy = Policy.validate_text(text)
+        self.store.save_policy(text, actor)
+        with self.lock:
+            self.policy_engine.reload(policy)
+            self.policy_text = text
+            self._write_allow_list()
+
+    # ---- feedback and application events ----
+
+    def feedback(
+        self, subject_kind: str, subject: str, label: str, actor: str, note: str | None = None
+    ) -> dict[str, Any]:
+        """An operator's label. "human" or "good_bot" undoes the verdicts on the
+        subject at once (and allows an address or CIDR for a while); every
+        label is stored and goes to the training set."""
+        features: dict[str, float] | None = None
+        if subject_kind == "addr":
+            key = ("addr", canonical_target(TargetKind.ADDRESS, subject))
+            with self.lock:
+                seen = self.engine.features.last_seen(key)
+                if seen is not None:
+                    features = _finite(self.engine.features.features(key, seen))
+        record = self.store.add_label(subject_kind, subject, label, actor, note, features)
+        if features:
+            self.training.add_feedback(features, label, key=("addr", record.subject))
+        revoked: list[str] = []
+        allowed: str | None = None
+        if label in ("human", "good_bot"):
+            now = self.store.clock()
+            for live in self.store.live_decisions(now):
+                d = live.decision
+                if d.action is Action.ALLOW or not _covers(subject_kind, record.subject, d):
+                    continue
+                self.revoke(live.id, actor, f"feedback: labelled {label}")
+                revoked.append(live.id)
+            if subject_kind in ("addr", "cidr"):
+                allowed = self.add_decision(
+                    "allow",
+                    record.subject,
+                    FEEDBACK_ALLOW_TTL_S,
+                    f"feedback: labelled {label} by {actor}",
+                    actor,
+                    source="feedback",
+                ).id
+        return {
+            "label_id": record.id,
+            "subject_kind": subject_kind,
+            "subject": record.subject,
+            "label": label,
+            "revoked": revoked,
+            "allow_decision": allowed,
+        }
+
+    def app_event(self, client: str, port: int, kind: str) -> None:
+        with self.lock:
+            self.engine.app_event(client, port, kind)
+
+    # ---- models ----
+
+    def models(self) -> list[dict[str, Any]]:
+        out = []
+        for m in self.store.models():
+            row = asdict(m)
+            row["path"] = str(m.path)
+            out.append(row)
+        return out
+
+    def retrain(self) -> dict[str, Any]:
+        outcome = self.learning.run_once(force=True)
+        return asdict(outcome)
+
+    def promote(self, version: str, actor: str) -> dict[str, Any]:
+        self.store.get_model(version)  # ModelNotFound (404) before anything else
+        self.learning.promote_version(version)
+        return self.models_by_version()[version]
+
+    def models_by_version(self) -> dict[str, dict[str, Any]]:
+        return {m["version"]: m for m in self.models()}
+
+    # ---- housekeeping ----
+
+    def close(self) -> None:
+        self.learning.stop(timeout=5)
+        self.store.close()
+
+
+def _covers(subject_kind: str, subject: str, d: Decision) -> bool:
+    """Whether a decision acts on a labelled subject."""
+    target = d.target
+    if subject_kind == "ja4":
+        return target.split("@")[0] == subject
+    if subject_kind == "cluster":
+        return target == subject or target.split("@")[0] == subject.partition(":")[2]
+    net = ipaddress.ip_network(subject, strict=False)
+    if d.target_kind is TargetKind.ADDRESS:
+        return ipaddress.ip_address(target) in net
+    if d.target_kind is TargetKind.CIDR:
+        return ipaddress.ip_network(target) == net
+    if d.target_kind is TargetKind.FLOW:
+        host = target.split("->")[0].rpartition(":")[0].strip("[]")
+        return ipaddress.ip_address(host) in net
+    _, _, scope = target.partition("@")  # a JA4 scoped to this source
+    return bool(scope) and ipaddress.ip_network(scope, strict=False).subnet_of(net)  # type: ignore[arg-type]
+
+
+def _remove_kernel(verdicts: VerdictMaps, kind: VerdictKind, target: str) -> None:
+    if kind in (VerdictKind.ALLOW, VerdictKind.ALLOW_CIDR):
+        verdicts.disallow(target)
+    elif kind is VerdictKind.BLOCK_FLOW:
+        from controlplane.store import parse_flow
+
+        verdicts.unblock_flow(parse_flow(target))
+    else:
+        verdicts.unblock(target)
+
+
+# ---- the admin token ----
+
+
+def admin_token(settings: Settings) -> str:
+    """The configured token, else the one in {state_dir}/admin.token, made
+    (mode 0600, never logged) at the first start."""
+    if settings.admin_token is not None:
+        return settings.admin_token.get_secret_value()
+    path = settings.state_dir / TOKEN_FILE
+    if path.exists():
+        token = path.read_text(encoding="ascii").strip()
+        if len(token) >= 32:
+            path.chmod(0o600)
+            return token
+    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token
+
+
+# ---- the API server ----
+
+
+class ApiServer:
+    """uvicorn in a thread of its own, stopped by should_exit."""
+
+    def __init__(self, app: Any, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """sock: an already bound listening socket (tests bind port 0 and pass it)."""
+        import uvicorn
+
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+        )
+        self.server = uvicorn.Server(config)
+        # uvicorn installs signal handlers only in the main thread: in this
+        # one it leaves SIGTERM to the agent, which stops it with should_exit.
+        self.thread = threading.Thread(
+            target=self.server.run,
+            kwargs={"sockets": [sock] if sock is not None else None},
+            name="botwall-api",
+            daemon=True,
+        )
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise BotwallError("the admin API did not start (is its port in use?)")
+            if time.monotonic() > deadline:
+                raise BotwallError("the admin API did not start in time")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+# ---- the agent ----
+
+
+class Agent:
+    """The whole agent over a live kernel."""
+
+    def __init__(self, settings: Settings) -> None:
+        from sensor.loader import Sensor, SensorSettings
+        from sensor.sources import BccSensor
+
+        self.settings = settings
+        self.sensor = Sensor(
+            SensorSettings(
+                tls_ports=tuple(settings.tls_ports),
+                http_ports=tuple(settings.http_ports),
+                pin_dir=settings.pin_dir,
+            )
+        )
+        store: Store | None = None
+        try:
+            self.verdicts = VerdictMaps(self.sensor.table)
+            self.store = store = Store(settings.state_dir / DB_NAME)
+            self.plane = ControlPlane(
+                store,
+                verdicts=self.verdicts,
+                policy_file=settings.policy_file,
+                score_every_s=settings.score_every_s,
+                learning_s=settings.learning_s,
+                counters=self._counters,
+            )
+            self.token = admin_token(settings)
+            self.source = BccSensor(self.sensor, idle_timeout_s=settings.idle_timeout_s)
+        except BaseException:
+            if store is not None:
+                store.close()
+            self.sensor.close()
+            raise
+        self.api: ApiServer | None = None
+
+    def _counters(self) -> dict[str, int]:
+        return {c.name.lower(): n for c, n in self.sensor.counters().items()}
+
+    def start(self) -> None:
+        from controlplane.api.main import create_app
+
+        report = self.plane.restore()
+        log.info("reconciled the kernel with the store: %s", report)
+        for ifname in self.settings.ifaces:
+            attached = self.sensor.attach(
+                ifname, mode=self.settings.xdp_mode, netns=self.settings.netns
+            )
+            self.store.audit(
+                "agent", "sensor.attach", f"iface:{ifname}", {"mode": attached.xdp_mode}
+            )
+            log.info("attached to %s (%s)", ifname, attached.xdp_mode)
+        self.api = ApiServer(
+            create_app(self.plane, self.token), self.settings.api_host, self.settings.api_port
+        )
+        self.api.start()
+        self.plane.learning.start()
+
+    def run(self, stop: Callable[[], bool]) -> None:
+        """The engine loop, as Engine.run_live but under the control plane's lock."""
+        engine, next_expiry = self.plane.engine, time.monotonic() + EXPIRE_EVERY_S
+        next_allow = time.monotonic() + self._allow_renew_s()
+        next_tick = 0.0
+        while not stop():
+            events = self.source.poll(POLL_MS)
+            now = time.clock_gettime(time.CLOCK_MONOTONIC)
+            with self.plane.lock:
+                for event in events:
+                    engine.process(event)  # ticks by itself as event time passes
+                # While events pause, ticks go on in kernel time (the clock
+                # event timestamps are in), so a client gone quiet is still decided on.
+                if not events and now >= next_tick:
+                    engine.tick(now)
+            if events or now >= next_tick:
+                next_tick = now + engine.score_every_s
+            if time.monotonic() >= next_expiry:
+                with self.plane.lock:
+                    self.verdicts.expire()
+                next_expiry = time.monotonic() + EXPIRE_EVERY_S
+            if time.monotonic() >= next_allow:  # the allow list outlives its TTL
+                with self.plane.lock:
+                    self.plane._write_allow_list()
+                next_allow = time.monotonic() + self._allow_renew_s()
+
+    def _allow_renew_s(self) -> float:
+        return max(self.plane.policy_engine.policy.config.allow.ttl_s / 2, 1.0)
+
+    def close(self) -> None:
+        """Detaches; the pinned verdicts stay until their TTL (fail open, keep enforcing)."""
+        if self.api is not None:
+            self.api.stop()
+        for attachment in list(self.sensor.attachments):
+            try:
+                self.store.audit("agent", "sensor.detach", f"iface:{attachment.ifname}")
+            except BotwallError as exc:
+                log.error("audit of detach failed: %s", exc)
+        self.sensor.close()
+        self.source.close()
+        self.plane.close()
+
+
+# ---- command line ----
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="botwall run", description="Run the agent: sensor, engine, store, admin API."
+    )
+    p.add_argument("--iface", action="append", help="interface to attach to (repeatable)")
+    p.add_argument("--netns", help="network namespace the interfaces are in")
+    p.add_argument("--config", help="TOML config file (e.g. /etc/botwall/botwall.toml)")
+    p.add_argument("--state-dir", help="default /var/lib/botwall")
+    p.add_argument("--tls-port", type=int, action="append", help="default 443 (repeatable)")
+    p.add_argument("--http-port", type=int, action="append", help="repeatable")
+    p.add_argument("--api-host", help="default 127.0.0.1")
+    p.add_argument("--api-port", type=int, help="default 9440")
+    p.add_argument("--xdp-mode", choices=("auto", "native", "generic"))
+    p.add_argument("--pin-dir", help="default /sys/fs/bpf/botwall")
+    p.add_argument("--policy-file", help="policy TOML used when the store holds none")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="botwall: %(levelname)s %(message)s")
+    stopping = threading.Event()
+
+    def request_stop(_signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    tls_ports = args.tls_port
+    if tls_ports is None and args.http_port:
+        tls_ports = []  # only plaintext ports were asked for
+    try:
+        settings = load_settings(
+            args.config,
+            ifaces=args.iface,
+            netns=args.netns,
+            state_dir=args.state_dir,
+            tls_ports=tls_ports,
+            http_ports=args.http_port,
+            api_host=args.api_host,
+            api_port=args.api_port,
+            xdp_mode=args.xdp_mode,
+            pin_dir=args.pin_dir,
+            policy_file=args.policy_file,
+        )
+        if not settings.ifaces:
+            raise BotwallError("no interface: give --iface (or ifaces in the config)")
+        agent = Agent(settings)
+    except (BotwallError, OSError) as exc:
+        print(f"botwall run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        agent.start()
+        print(
+            f"botwall: running on {', '.join(settings.ifaces)}; admin API on "
+            f"http://{settings.api_host}:{settings.api_port}",
+            file=sys.stderr,
+            flush=True,
+        )
+        agent.run(stopping.is_set)
+    except BotwallError as exc:
+        print(f"botwall run: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        agent.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The admin API: FastAPI over a ControlPlane (see main.create_app)."""

@@ -1,0 +1,126 @@
+"""`botwall run` as a real process on a real veth, driven through its admin API.
+
+The agent is started as a subprocess attached (native XDP) to the server side
+of a namespace topology, with its state dir in tmp_path and its API on a free
+loopback port. A manual block made over HTTP must stop the client's TCP
+connects; revoking it must let them through; SIGTERM must stop the agent
+cleanly (exit 0, XDP detached) with the decision and its audit rows on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from controlplane.store import DB_NAME, Store
+from lab import clients
+from lab.netns import Topology
+from lab.tls_server import TlsServer
+from sensor.loader import remove_pins
+from tests.test_sensor_live import REPO, _pin_dir, _xdp_attached
+
+pytestmark = [pytest.mark.kernel, pytest.mark.netns]
+
+TLS_PORT = 8443
+START_TIMEOUT_S = 90.0  # BCC compiles the programs at start
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(agent: subprocess.Popen[str], base: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if agent.poll() is not None:
+            _, err = agent.communicate()
+            raise AssertionError(f"agent exited {agent.returncode}: {err[-2000:]}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("agent never answered /healthz")
+
+
+def test_block_and_unblock_through_the_api(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("kernel tests need root: they load eBPF programs and build namespaces")
+    pin_dir = _pin_dir()
+    state = tmp_path / "state"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    agent: subprocess.Popen[str] | None = None
+    try:
+        with Topology() as topo, TlsServer(topo, TLS_PORT):
+            argv = [
+                sys.executable, "-m", "controlplane.agent",
+                "--iface", topo.server_if, "--netns", topo.server_ns,
+                "--xdp-mode", "native", "--tls-port", str(TLS_PORT),
+                "--state-dir", str(state), "--api-port", str(port), "--pin-dir", pin_dir,
+            ]  # fmt: skip
+            agent = subprocess.Popen(
+                argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            _wait_healthy(agent, base)
+            assert _xdp_attached(topo)
+
+            token_file = state / "admin.token"
+            assert token_file.stat().st_mode & 0o777 == 0o600
+            token = token_file.read_text().strip()
+            with httpx.Client(
+                base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10
+            ) as api:
+                assert clients.tcp_connect(topo, topo.server_v4, TLS_PORT, timeout=2.0).ok
+
+                r = api.post(
+                    "/v1/decisions",
+                    json={
+                        "action": "block",
+                        "target": topo.client_v4,
+                        "ttl_s": 120,
+                        "reason": "test: manual block",
+                    },
+                )
+                assert r.status_code == 201, r.text
+                decision_id = r.json()["id"]
+                outcome = clients.tcp_connect(topo, topo.server_v4, TLS_PORT, timeout=1.5)
+                assert outcome.outcome == "timeout"
+
+                assert api.delete(f"/v1/decisions/{decision_id}").status_code == 200
+                assert clients.tcp_connect(topo, topo.server_v4, TLS_PORT, timeout=2.0).ok
+
+                stats = api.get("/v1/stats").json()
+                assert stats["enforcing"] is True
+                assert stats["kernel"]["drop_block"] >= 1
+
+            agent.send_signal(signal.SIGTERM)
+            _, err = agent.communicate(timeout=30)
+            assert agent.returncode == 0, err[-2000:]
+            assert not _xdp_attached(topo)
+            assert clients.tcp_connect(topo, topo.server_v4, TLS_PORT, timeout=2.0).ok
+
+        with Store(state / DB_NAME) as store:
+            record = store.get_decision(decision_id)
+            assert record.decision.target == topo.client_v4
+            assert record.revoked_at is not None
+            audit = [a.action for a in store.audit_log(subject=f"decision:{decision_id}")]
+            assert audit == ["decision.revoke", "decision.create"]
+            attach = [a.action for a in store.audit_log() if a.action.startswith("sensor.")]
+            assert attach == ["sensor.detach", "sensor.attach"]
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+            agent.communicate(timeout=10)
+        remove_pins(pin_dir)
