@@ -161,6 +161,7 @@ class ControlPlane:
         policy_file: Path | None = None,
         score_every_s: float = 0.5,
         learning_s: float = 0.0,
+        learn_models: Sequence[str] = ("baseline", "journey"),
         counters: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.store = store
@@ -180,6 +181,7 @@ class ControlPlane:
             enforcer=self.enforcer,
             score_every_s=score_every_s,
             learning_s=learning_s,
+            learn=tuple(learn_models),
             on_decision=self._on_engine_decision,
         )
         self.training = TrainingSet()
@@ -621,6 +623,7 @@ class Agent:
                 policy_file=settings.policy_file,
                 score_every_s=settings.score_every_s,
                 learning_s=settings.learning_s,
+                learn_models=settings.learn_models,
                 counters=self._counters,
             )
             self.token = admin_token(settings)
@@ -665,6 +668,8 @@ class Agent:
             with self.plane.lock:
                 for event in events:
                     engine.process(event)  # ticks by itself as event time passes
+                if engine.urgent:  # a new or risky client: decide now, not next tick
+                    engine.tick()
                 # While events pause, ticks go on in kernel time (the clock
                 # event timestamps are in), so a client gone quiet is still decided on.
                 if not events and now >= next_tick:

@@ -64,6 +64,14 @@ LOW_RISK_RESCORE_REQUESTS = 20
 # What has been idle this long is forgotten (risks, cadence, feature state).
 PRUNE_AFTER_S = 1200.0
 PRUNE_EVERY_S = 60.0
+# A client that is new or looked risky is scored this soon after its request,
+# not at the next regular tick: a loud bot makes dozens of requests in one
+# score_every_s, and each one it gets through is one too many.
+URGENT_TICK_S = 0.01
+# A session's first requests are scored one by one: a catalog walk or a login
+# run shows in four or five requests, and a clear score at the first says
+# nothing about the fifth.
+YOUNG_STEPS = 8
 # A score below this decides nothing: spare the policy the call.
 MIN_SCORE_TO_DECIDE = 25.0
 # A session is one address's requests with no pause longer than SESSION_GAP_S;
@@ -167,6 +175,8 @@ class Engine:
         self._cluster_risks: dict[ClusterKey, Risk] = {}
         self._active: dict[tuple[str, Action], float] = {}  # (target, action) -> until
         self._next_tick: float | None = None
+        self._urgent = False  # a client due for scoring at once (URGENT_TICK_S)
+        self._last_tick = -math.inf
         self._now = 0.0
         self._learning = _Learning(None, learning_s) if learning_s > 0 else None
         self._learn_models = frozenset(learn)
@@ -184,7 +194,9 @@ class Engine:
             self._observe(obs, decisions)
         if self._next_tick is None:
             self._next_tick = self._now + self.score_every_s
-        elif self._now >= self._next_tick:
+        elif self._now >= self._next_tick or (
+            self._urgent and self._now - self._last_tick >= URGENT_TICK_S
+        ):
             decisions.extend(self._tick_inner(self._now))
         self.stats.busy_s += time.perf_counter() - started
         return decisions
@@ -214,10 +226,17 @@ class Engine:
             events = source.poll(poll_ms)
             for event in events:
                 self.process(event)
+            if self._urgent:
+                self.tick()
             now = time.clock_gettime(time.CLOCK_MONOTONIC)
             if not events and (self._next_tick is None or now >= self._next_tick):
                 self._now = now
                 self.tick(now)
+
+    @property
+    def urgent(self) -> bool:
+        """A client is due for scoring at once (new, or risky last time)."""
+        return self._urgent
 
     def tick(self, now: float | None = None) -> list[Decision]:
         """Scores what changed and applies the policy; process() calls it as
@@ -240,7 +259,9 @@ class Engine:
         if fp.tcp_signature:
             profile.tcp = fp.tcp_signature
         if isinstance(obs, Connection):
-            if obs.stage is ConnectionStage.HELLO:
+            if obs.stage is ConnectionStage.HELLO and not self.policy.spared_from_ja4_verdicts(
+                addr, profile.user_agent
+            ):
                 made = self.enforcer.on_connection(obs)
                 if made is not None:
                     decisions.append(made)
@@ -266,6 +287,8 @@ class Engine:
                 profile.paths.append(obs.path)
             profile.fingerprints.add((fp.ja4, obs.http_fingerprint))
             profile.requests_since_scored += 1
+            if self._cadence(profile.last_score, len(profile.steps))[1] <= 1:
+                self._urgent = True
         self._dirty_clients.add(addr)
         for key in self.features.keys_for(obs):
             if key[0] in CAMPAIGN_KINDS:
@@ -292,6 +315,8 @@ class Engine:
 
     def _tick_inner(self, now: float) -> list[Decision]:
         self._next_tick = now + self.score_every_s
+        self._urgent = False
+        self._last_tick = now
         self.stats.ticks += 1
         self._learn(now)
         if now >= self._next_prune:
@@ -333,7 +358,7 @@ class Engine:
             profile = self._profiles.get(addr)
             if profile is None:
                 continue
-            every_s, after = self._cadence(profile.last_score)
+            every_s, after = self._cadence(profile.last_score, len(profile.steps))
             if now - profile.last_scored >= every_s or profile.requests_since_scored >= after:
                 due.append(addr)
                 profile.last_scored = now
@@ -368,12 +393,13 @@ class Engine:
             found = self._features_cache[key] = self.features.features(key, now)
         return found
 
-    def _cadence(self, last_score: float) -> tuple[float, int]:
+    def _cadence(self, last_score: float, session_steps: int) -> tuple[float, int]:
         """(seconds, requests) until a client is scored again, by how risky it
         looked last time: a clear human is looked at again after 20 more
         requests or 30 s, an uncertain one on the short cadence, a risky one
-        (or one never scored) at every tick it is active."""
-        if last_score >= MIN_SCORE_TO_DECIDE + 15:
+        (or one never scored, or in its first YOUNG_STEPS of a session, where
+        a loud bot shows itself) at every tick it is active."""
+        if last_score >= MIN_SCORE_TO_DECIDE + 15 or session_steps < YOUNG_STEPS:
             return 0.0, 1
         if last_score >= LOW_RISK:
             return self.rescore_every_s, RESCORE_AFTER_REQUESTS

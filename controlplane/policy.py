@@ -748,6 +748,20 @@ class PolicyEngine:
         rule = policy.rule_for(risk.score, ctx.endpoint_class)
         return self._rule_verdict(rule, risk) if rule is not None else None
 
+    def spared_from_ja4_verdicts(self, addr: str | IPAddress, user_agent: str | None) -> bool:
+        """Whether a JA4 verdict on others must leave this client's connections
+        alone: the allow list, a verified crawler, or a declared agent the
+        policy lets in (allow or limit). A JA4 is a whole client stack, and the
+        crawler or agent may well run the same library as a campaign."""
+        address = normalize_address(addr)
+        if address in self._policy.allow:
+            return True
+        ctx = DecisionContext(client=str(address), user_agent=user_agent)
+        if self._verified_crawler(ctx, address) is not None:
+            return True
+        agent = self._declared_agent(ctx, address)
+        return agent is not None and agent.action != "block"
+
     def _verified_crawler(self, ctx: DecisionContext, addr: IPAddress) -> _Crawler | None:
         crawlers = self._policy.crawlers
         if ctx.verified_crawler is not None and ctx.verified_crawler in crawlers:

@@ -58,7 +58,29 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "supervised": 0.9,
     "journey": 0.85,
     "baseline": 0.6,
+    "rate": 0.95,
 }
+
+# A person behind a browser or an app does not keep up three requests a
+# second for ten seconds; a flood or a loud scraper does from its first
+# seconds. The rule needs no learning, so it speaks from the first tick.
+HUMAN_MAX_RPS = 3.0
+RATE_POINTS_AT_LIMIT = 55.0
+RATE_POINTS_PER_RPS = 10.0  # above the limit, up to RATE_POINTS_MAX
+RATE_POINTS_MAX = 95.0
+
+
+def rate_findings(features: Mapping[str, float]) -> list[Finding]:
+    """A sustained request rate beyond a person's, as a finding."""
+    rps = features.get("req_rate_10s", 0.0)
+    if not rps >= HUMAN_MAX_RPS:  # also false for NaN
+        return []
+    points = min(
+        RATE_POINTS_MAX, RATE_POINTS_AT_LIMIT + RATE_POINTS_PER_RPS * (rps - HUMAN_MAX_RPS)
+    )
+    text = f"{rps:.1f} requests/s over 10 s; people stay under {HUMAN_MAX_RPS:g}"
+    return [Finding(Reason("request_rate", text, points, "rate"), features=("req_rate_10s",))]
+
 
 # Where a feature comes from, by name prefix; anything else comes from requests.
 _PREFIX_EVIDENCE = (
@@ -250,6 +272,7 @@ class RiskScorer:
             assert models.supervised is not None
             findings["supervised"] = models.supervised.findings(view.features, supervised_p)
             versions["supervised"] = models.supervised.version_
+        findings["rate"] = rate_findings(view.features)
         inherited = self._campaign_membership(view, cluster_risks)
         if inherited is not None:
             finding, version = inherited

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     policy_file: Path | None = None
     learning_s: float = Field(0.0, ge=0)
+    # The unsupervised models fitted at the end of the learning period. The
+    # baseline's 10-minute windows need a period of an hour or more to learn
+    # steady-state clients; a short period (a demo) should learn the journeys only.
+    learn_models: list[Literal["baseline", "journey"]] = Field(
+        default_factory=lambda: ["baseline", "journey"]
+    )
     score_every_s: float = Field(0.5, gt=0, le=60)
     idle_timeout_s: float = Field(30.0, gt=0)
 

@@ -112,6 +112,7 @@ class JourneyModel(BaseEstimator):
         alarm_rate: float = 1e-4,
         predecessor_coverage: float = 0.97,
         min_enumeration_steps: int = 8,
+        min_plain_walk_steps: int = 4,
         enumeration_threshold: float = 0.8,
         unseen_threshold: float = 0.3,
         min_hoarded_items: int = 10,
@@ -119,6 +120,7 @@ class JourneyModel(BaseEstimator):
         checkout_points: float = 80.0,
         enumeration_points: float = 90.0,
         preamble_points: float = 80.0,
+        preamble_min_share: float = 0.6,
         hoarding_points: float = 80.0,
         unseen_points: float = 70.0,
         holdout: float = 0.25,
@@ -131,6 +133,7 @@ class JourneyModel(BaseEstimator):
         self.alarm_rate = alarm_rate
         self.predecessor_coverage = predecessor_coverage
         self.min_enumeration_steps = min_enumeration_steps
+        self.min_plain_walk_steps = min_plain_walk_steps
         self.enumeration_threshold = enumeration_threshold
         self.unseen_threshold = unseen_threshold
         self.min_hoarded_items = min_hoarded_items
@@ -138,6 +141,7 @@ class JourneyModel(BaseEstimator):
         self.checkout_points = checkout_points
         self.enumeration_points = enumeration_points
         self.preamble_points = preamble_points
+        self.preamble_min_share = preamble_min_share
         self.hoarding_points = hoarding_points
         self.unseen_points = unseen_points
         self.holdout = holdout
@@ -352,9 +356,14 @@ class JourneyModel(BaseEstimator):
                 for token, path in zip(session, paths, strict=False)
                 if _step_class(token) in ENUMERABLE and (ident := path_identifier(path)) is not None
             ]
-            if len(ids) < self.min_enumeration_steps:
-                return []
             share, stride = enumeration_share(ids)
+            # Any stride needs min_enumeration_steps ids: over a few ids, some
+            # stride repeats by chance. Ids 1, 2, 3, 4 in a row do not: a
+            # plain +1 walk is caught after min_plain_walk_steps.
+            plain_walk = share == 1.0 and stride == 1
+            needed = self.min_plain_walk_steps if plain_walk else self.min_enumeration_steps
+            if len(ids) < needed:
+                return []
             walked = f"{len(ids)} catalog requests walked identifiers {ids[0]}..{ids[-1]}"
             detail = f"{walked}, {100 * share:.0f}% of steps exactly {stride:+d}"
         elif enumeration is not None:
@@ -380,15 +389,26 @@ class JourneyModel(BaseEstimator):
             usual = self.usual_predecessors_.get(token)
             # A call the baseline never made has no usual preamble to skip;
             # the unseen-transition rule speaks for it.
-            if usual is not None and prev not in usual:
+            # Any page read first is a preamble of sorts: a person who
+            # logs in from a page the baseline rarely saw still read one. A
+            # session start or a write (a retry, a loop) is not.
+            if usual is not None and prev not in usual and (prev == START or _is_write(prev)):
                 missing[token] += 1
+        reads_pages = any(not _is_write(t) for t in session)
         out = []
         for token, n in sorted(missing.items()):
             usual = self.usual_predecessors_[token]
             words = " or ".join("the session start" if u == START else u for u in usual[:3])
             share = n / calls[token]
-            # The first call without a preamble says most; more make it surer.
-            points = self.preamble_points * (0.6 + 0.4 * share)
+            # A person's odd call (a login after a page the baseline rarely
+            # saw before one) is a minority of their calls among pages they
+            # read; a stuffer reads no page at all, and its repeated logins
+            # look like a person's retries after the first.
+            if not reads_pages:
+                share = max(share, self.preamble_min_share)
+            elif share < self.preamble_min_share:
+                continue
+            points = self.preamble_points * share
             name = PREAMBLE_CLASSES[_step_class(token)]
             text = (
                 f"{n} of {calls[token]} {token} calls came without what usually precedes "
