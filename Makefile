@@ -33,9 +33,11 @@ test-fast: install
 bench: install
 	$(PY) -m bench.run
 
+# The main job: the lab for about two minutes (30 s of honest traffic while
+# the agent learns, then the bad bots join), a live view, and the report.
+DEMO_ARGS ?= --duration 120 --learning 30 --report lab-report
 demo: install
-	@echo "make demo arrives with the lab issue; until then: make test, make bench,"
-	@echo "and python -m sensor --iface IF to watch live events."
+	$(VENV)/bin/botwall lab $(DEMO_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check sensor controlplane lab tests bench

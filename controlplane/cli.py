@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from sensor.events import Event
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the command ran and failed: a lab target missed, the lab broke
 
 app = typer.Typer(
     name="botwall",
@@ -861,6 +862,48 @@ def run(ctx: typer.Context) -> None:
     from controlplane.agent import main as agent_main
 
     raise typer.Exit(agent_main(ctx.args))
+
+
+@app.command()
+def lab(
+    duration: Annotated[
+        float, typer.Option(min=20, help="seconds of traffic, learning included")
+    ] = 120.0,
+    scenario: Annotated[
+        list[str] | None,
+        typer.Option(help="a bad-bot scenario to run (repeatable; default: all of them)"),
+    ] = None,
+    report: Annotated[Path, typer.Option(help="directory for report.json and report.html")] = Path(
+        "lab-report"
+    ),
+    learning: Annotated[
+        float, typer.Option(min=0, help="seconds of honest traffic before the bots start")
+    ] = 30.0,
+    live: Annotated[bool, typer.Option(help="the live terminal view")] = True,
+) -> None:
+    """Run the lab: a real shop API under human, good-bot and bad-bot traffic,
+    with the agent live; write REPORT/report.json and report.html (root only)."""
+    if os.geteuid() != 0:
+        raise fail("the lab needs root: it builds namespaces and loads eBPF programs", EXIT_FAILURE)
+    if learning >= duration:
+        raise fail(f"--learning ({learning:g} s) must be shorter than --duration ({duration:g} s)")
+    from lab.run import BY_NAME, LabError, LabOptions, run_lab
+
+    unknown = [name for name in scenario or [] if name not in BY_NAME]
+    if unknown:
+        raise fail(f"unknown scenario {unknown[0]!r}; choose from {', '.join(BY_NAME)}")
+    options = LabOptions(
+        duration_s=duration,
+        learning_s=learning,
+        scenarios=tuple(scenario or ()),
+        report_dir=report,
+        live=live,
+    )
+    try:
+        result = run_lab(options)
+    except LabError as exc:
+        raise fail(f"lab: {exc}", EXIT_FAILURE) from None
+    raise typer.Exit(0 if all(t.passed for t in result.targets) else EXIT_FAILURE)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ packages=(
   python3-bpfcc bpftool iproute2 libbpf1 python3-venv python3-dev python3-cryptography
   linux-headers-amd64
   # real peers and tools used by the tests and the lab
-  openssl curl nginx tshark tcpdump gnutls-bin golang-go nodejs chromium
+  openssl curl nginx tshark tcpdump gnutls-bin golang-go nodejs chromium hydra wrk util-linux
 )
 
 missing=()
