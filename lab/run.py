@@ -233,11 +233,11 @@ class Lab:
             "nsenter", f"--net=/run/netns/{self.topo.server_ns}",
             sys.executable, "-m", "controlplane.agent", "--config", str(config),
         ]  # fmt: skip
-        self.agent_log = (self.workdir / "agent.log").open("wb")
-        self.agent = subprocess.Popen(
-            argv, cwd=REPO_ROOT, stdout=self.agent_log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        with (self.workdir / "agent.log").open("wb") as agent_log:
+            self.agent = subprocess.Popen(
+                argv, cwd=REPO_ROOT, stdout=agent_log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
         deadline = time.monotonic() + AGENT_READY_S
         while time.monotonic() < deadline:
             if self.agent.poll() is not None:
@@ -298,7 +298,7 @@ class Lab:
         time.sleep(seconds)
 
     def _launch(self, s: Scenario, duration_s: float) -> None:
-        topo, out = self.topo, (self.workdir / f"{s.name}.jsonl").open("w")
+        topo = self.topo
         ca = str(self.shop.cert.ca_path) if self.shop else None
         if s.runner == "bots":
             argv = [
@@ -327,11 +327,13 @@ class Lab:
         # The tools keep no per-request records (records() reads the
         # server's log for them) and hydra writes a restore file in its cwd.
         tool = s.runner in ("hydra", "wrk")
-        self.processes[s.name] = topo.popen(
-            topo.client_ns, argv, cwd=self.workdir if tool else REPO_ROOT,
-            stdout=(self.workdir / f"{s.name}.log").open("w") if tool else out,
-            stderr=(self.workdir / f"{s.name}.err").open("w"), stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        out_path = self.workdir / (f"{s.name}.log" if tool else f"{s.name}.jsonl")
+        # The child gets its own copies of the descriptors: ours close at once.
+        with out_path.open("w") as out, (self.workdir / f"{s.name}.err").open("w") as err:
+            self.processes[s.name] = topo.popen(
+                topo.client_ns, argv, cwd=self.workdir if tool else REPO_ROOT,
+                stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
         self.launched[s.name] = time.time()
 
     def _wait_clients(self, grace_s: float) -> None:
@@ -431,7 +433,6 @@ class Lab:
                 except subprocess.TimeoutExpired:
                     os.killpg(self.agent.pid, signal.SIGKILL)
                     self.agent.wait()
-            self.agent_log.close()
             self.agent = None
         self.topo.close(raise_errors=False)  # the veth, its XDP program and tc filters go with it
         remove_pins(self.pin_dir)  # the verdicts outlive a stopped agent by design: not here
