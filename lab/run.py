@@ -299,7 +299,7 @@ class Lab:
 
     def _launch(self, s: Scenario, duration_s: float) -> None:
         topo = self.topo
-        ca = str(self.shop.cert.ca_path) if self.shop else None
+        ca = str(self.shop.cert.ca_path) if self.shop and self.shop.cert else None
         if s.runner == "bots":
             argv = [
                 sys.executable, "-m", "lab.bots", s.name, "--server", topo.server_v4,
@@ -361,16 +361,16 @@ class Lab:
         tools = {self.sources[s.name][0]: s for s in self.scenarios if s.runner in ("hydra", "wrk")}
         if tools and self.shop is not None:
             for entry in self.shop.requests():
-                s = tools.get(entry["remote_addr"])
-                if s is None:
+                tool = tools.get(entry["remote_addr"])
+                if tool is None:
                     continue
                 records.append(
                     RequestRecord(
-                        scenario=s.name, label=s.label, session=f"{s.name}-1",
+                        scenario=tool.name, label=tool.label, session=f"{tool.name}-1",
                         source=entry["remote_addr"], method=entry["request_method"],
                         path=entry["request_uri"], status=entry["status"], error=None,
                         ts=entry["msec"] - entry["request_time"],
-                        elapsed=entry["request_time"], stack=s.runner,
+                        elapsed=entry["request_time"], stack=tool.runner,
                     )
                 )  # fmt: skip
         records.sort(key=lambda r: r.ts)
