@@ -550,3 +550,12 @@ def test_module_entry_point_exits_2_on_a_malformed_file(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("lab.report: error: ")
     assert done.stderr.count("\n") == 1
+
+
+def test_a_session_free_after_60_s_means_the_campaign_was_not_contained() -> None:
+    # Requests of an unmitigated session at 0, 30 and 70 s (each 10 ms long):
+    # its campaign ran free until 70 s after its start.
+    records = lab_run() + requests("stuff_spread", "bad_bot", "late", "10.99.0.2", [0, 30, 70])
+    measured, passed = target(run(records, lab_decisions(), SCENARIOS), "spread_within_seconds")
+    assert measured == pytest.approx(70.01, abs=0.05)
+    assert not passed
