@@ -9,6 +9,7 @@ cleanly (exit 0, XDP detached) with the decision and its audit rows on disk.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -104,6 +105,32 @@ def test_block_and_unblock_through_the_api(tmp_path: Path) -> None:
                 stats = api.get("/v1/stats").json()
                 assert stats["enforcing"] is True
                 assert stats["kernel"]["drop_block"] >= 1
+
+                # The same loop through the CLI, against this real agent: the
+                # token is found in --state-dir, as an operator's would be.
+                def cli(*args: str) -> subprocess.CompletedProcess[str]:
+                    argv = [sys.executable, "-m", "controlplane.cli", *args]
+                    common = ["--api", base, "--state-dir", str(state)]
+                    done = subprocess.run(
+                        argv + common, cwd=REPO, capture_output=True, text=True, timeout=60
+                    )
+                    assert done.returncode == 0, (args, done.stdout, done.stderr)
+                    return done
+
+                blocked = json.loads(
+                    cli(
+                        "block", topo.client_v4, "--ttl", "60", "--reason", "cli test", "--json"
+                    ).stdout
+                )
+                assert blocked["target"] == topo.client_v4 and blocked["action"] == "block"
+                assert clients.tcp_connect(topo, topo.server_v4, TLS_PORT, timeout=1.5).outcome == (
+                    "timeout"
+                )
+                assert topo.client_v4 in cli("unblock", topo.client_v4).stdout
+                assert clients.tcp_connect(topo, topo.server_v4, TLS_PORT, timeout=2.0).ok
+                status = json.loads(cli("status", "--json").stdout)
+                assert status["kernel"]["drop_block"] >= 2
+                assert "[[rules]]" in cli("policy", "show").stdout  # the default policy's text
 
             agent.send_signal(signal.SIGTERM)
             _, err = agent.communicate(timeout=30)
