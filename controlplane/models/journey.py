@@ -116,7 +116,12 @@ class JourneyModel(BaseEstimator):
         enumeration_threshold: float = 0.8,
         unseen_threshold: float = 0.3,
         min_hoarded_items: int = 10,
-        improbable_points: float = 70.0,
+        # An improbable journey alone only earns monitoring: a baseline learned
+        # in minutes has not seen every path people take (several visits run
+        # together into one long session, say). The specific rules below
+        # (checkout without a cart, catalog walks, missing preambles,
+        # hoarding) carry the enforcement.
+        improbable_points: float = 40.0,
         checkout_points: float = 80.0,
         enumeration_points: float = 90.0,
         preamble_points: float = 80.0,
