@@ -6,8 +6,9 @@ stuffing (hydra), a sequential scraper, stuffing spread over 500 addresses,
 SMS pumping, hoarding and the sophisticated bot join them. The account
 takeover runs in `make demo` only: each of its sessions is one fresh address's
 first connection, which a JA4 verdict stops only when the flow block lands
-before the handshake ends, and under CI's load it often does not. The report must meet the targets, and teardown must leave no
-namespace, pinned map or process behind.
+before the handshake ends, and under CI's load it often does not. The report
+must meet the targets, and teardown must leave no namespace, pinned map or
+process behind.
 """
 
 from __future__ import annotations
