@@ -36,8 +36,9 @@ bench: install
 # The main job: the lab for about two minutes (30 s of honest traffic while
 # the agent learns, then the bad bots join), a live view, and the report.
 DEMO_ARGS ?= --duration 120 --learning 30 --report lab-report
+# A missed target (exit 3) is a result the report shows, not a broken demo.
 demo: install
-	$(VENV)/bin/botwall lab $(DEMO_ARGS)
+	$(VENV)/bin/botwall lab $(DEMO_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ]
 
 lint: install
 	$(VENV)/bin/ruff check sensor controlplane lab tests bench

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from sensor.events import Event
 
 EXIT_USAGE = 2
-EXIT_FAILURE = 1  # the command ran and failed: a lab target missed, the lab broke
+EXIT_FAILURE = 1  # the command ran and failed (the lab broke, say)
+EXIT_TARGETS_MISSED = 3  # `botwall lab` ran to the end and some target was missed
 
 app = typer.Typer(
     name="botwall",
@@ -882,7 +883,8 @@ def lab(
     live: Annotated[bool, typer.Option(help="the live terminal view")] = True,
 ) -> None:
     """Run the lab: a real shop API under human, good-bot and bad-bot traffic,
-    with the agent live; write REPORT/report.json and report.html (root only)."""
+    with the agent live; write REPORT/report.json and report.html (root only).
+    Exit status: 0 every target met, 3 some target missed, 1 the lab failed."""
     if os.geteuid() != 0:
         raise fail("the lab needs root: it builds namespaces and loads eBPF programs", EXIT_FAILURE)
     if learning >= duration:
@@ -903,7 +905,7 @@ def lab(
         result = run_lab(options)
     except LabError as exc:
         raise fail(f"lab: {exc}", EXIT_FAILURE) from None
-    raise typer.Exit(0 if all(t.passed for t in result.targets) else EXIT_FAILURE)
+    raise typer.Exit(0 if all(t.passed for t in result.targets) else EXIT_TARGETS_MISSED)
 
 
 if __name__ == "__main__":
