@@ -394,10 +394,11 @@ class JourneyModel(BaseEstimator):
             usual = self.usual_predecessors_.get(token)
             # A call the baseline never made has no usual preamble to skip;
             # the unseen-transition rule speaks for it.
-            # Any page read first is a preamble of sorts: a person who
-            # logs in from a page the baseline rarely saw still read one. A
-            # session start or a write (a retry, a loop) is not.
-            if usual is not None and prev not in usual and (prev == START or _is_write(prev)):
+            # Anything else done first is a preamble of sorts: a person who
+            # logs in from a page (or from the cart, to check out) the baseline
+            # rarely saw before one still did something else first. A session
+            # start, or the same call again (a loop), is not.
+            if usual is not None and prev not in usual and prev in (START, token):
                 missing[token] += 1
         reads_pages = any(not _is_write(t) for t in session)
         out = []
