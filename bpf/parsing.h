@@ -55,6 +55,34 @@ struct packet {
 	__u8 flow_label_set;
 };
 
+/* PROVEN_SIZE(len, max): the size for a bpf_xdp_load_bytes() call, `len`,
+ * which the caller has already made at least 1 and at most `max`.
+ *
+ * Older verifiers (Debian 12's 6.1) learn nothing from `len != 0`, and lose
+ * what a compare proved when clang tests one copy of a value and passes
+ * another; they refuse the program. For them the loader recompiles with
+ * BOTWALL_PROVEN_SIZES (sensor/loader.py), and the size is computed again
+ * where they can follow it: the lower bound from arithmetic, the upper from
+ * a compare written in assembly on the very register returned, after an
+ * empty asm that keeps clang from folding the identity away. Newer
+ * verifiers prove the sizes as written, and this program has little of
+ * their complexity budget left to spend, so for them it is `len` itself. */
+#ifdef BOTWALL_PROVEN_SIZES
+static __always_inline __u64 proven_size(__u64 len, __u64 max)
+{
+	asm volatile("" : "+r"(len));
+	len = ((len - 1) & 0xffff) + 1; /* within [1, 65536] */
+	asm volatile("if %[len] <= %[max] goto +1\n\t"
+		     "%[len] = %[max]"
+		     : [len] "+r"(len)
+		     : [max] "r"(max));
+	return len;
+}
+#define PROVEN_SIZE(len, max) proven_size((len), (max))
+#else
+#define PROVEN_SIZE(len, max) (len)
+#endif
+
 static __always_inline int parse_ethhdr(struct cursor *c, void *data_end)
 {
 	struct ethhdr *eth = c->pos;

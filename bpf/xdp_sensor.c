@@ -189,7 +189,7 @@ static __always_inline void emit_syn(struct xdp_md *ctx, struct packet *pkt)
 {
 	struct tcphdr *tcp = pkt->tcp;
 	struct syn_event *ev;
-	__u32 olen;
+	__u64 olen; /* 64 bits: old verifiers lose the bounds of a zero-extended copy */
 	__u16 quirks = 0;
 
 	ev = events.ringbuf_reserve(sizeof(*ev));
@@ -217,7 +217,8 @@ static __always_inline void emit_syn(struct xdp_md *ctx, struct packet *pkt)
 	if (olen > TCP_OPTIONS_MAX_BYTES)
 		olen = TCP_OPTIONS_MAX_BYTES;
 	ev->options_len = olen;
-	if (olen > 0 && bpf_xdp_load_bytes(ctx, pkt->payload_offset - olen, ev->options, olen) < 0)
+	if (olen > 0 && bpf_xdp_load_bytes(ctx, pkt->payload_offset - olen, ev->options,
+					   PROVEN_SIZE(olen, TCP_OPTIONS_MAX_BYTES)) < 0)
 		ev->options_len = 0;
 
 	if (tcp->ece && tcp->cwr)
@@ -248,7 +249,8 @@ static __always_inline __u32 emit_payload(struct xdp_md *ctx, struct packet *pkt
 					  __u32 max_len, __u8 hello_index, __u8 segment_index)
 {
 	struct payload_event *rec;
-	__u32 zero = 0, len;
+	__u32 zero = 0;
+	__u64 len; /* 64 bits: old verifiers lose the bounds of a zero-extended copy */
 
 	len = pkt->payload_len;
 	if (len > max_len)
@@ -257,6 +259,7 @@ static __always_inline __u32 emit_payload(struct xdp_md *ctx, struct packet *pkt
 		len = PAYLOAD_MAX_BYTES;
 	if (len == 0)
 		return 0;
+	len = PROVEN_SIZE(len, PAYLOAD_MAX_BYTES); /* for the record's size and the copy */
 
 	rec = payload_scratch.lookup(&zero);
 	if (!rec)
@@ -483,7 +486,8 @@ static __always_inline void observe(struct xdp_md *ctx, struct packet *pkt, __u8
 		if (head_len == TLS_HEAD_BYTES &&
 		    pkt->payload + TLS_HEAD_BYTES <= (void *)(long)ctx->data_end)
 			__builtin_memcpy(&head, pkt->payload, TLS_HEAD_BYTES);
-		else if (bpf_xdp_load_bytes(ctx, pkt->payload_offset, head.b, head_len) < 0)
+		else if (bpf_xdp_load_bytes(ctx, pkt->payload_offset, head.b,
+					    PROVEN_SIZE(head_len, TLS_HEAD_BYTES)) < 0)
 			__builtin_memset(&head, 0, sizeof(head));
 		if (watch & WATCH_TLS)
 			capture_hello(ctx, pkt, fs, &head);

@@ -613,6 +613,8 @@ class Agent:
                 pin_dir=settings.pin_dir,
             )
         )
+        if self.sensor.proven_sizes:
+            log.info("this kernel's verifier needed bpf/parsing.h's proven helper sizes")
         store: Store | None = None
         try:
             self.verdicts = VerdictMaps(self.sensor.table)

@@ -154,6 +154,14 @@ class Attachment:
     created_clsact: bool
 
 
+# Compiles bpf/parsing.h's PROVEN_SIZE for verifiers that need it.
+PROVEN_SIZES_CFLAG = "-DBOTWALL_PROVEN_SIZES"
+
+
+class _Refused(CompileError):
+    """The kernel's verifier refused a program that compiled."""
+
+
 class Sensor:
     """The compiled sensor: its two programs, its maps, its attachments."""
 
@@ -163,20 +171,33 @@ class Sensor:
         self.settings = settings or SensorSettings()
         require_root()
         _ensure_bpffs(self.settings.pin_dir)
+        self.proven_sizes = False  # whether this kernel needed bpf/parsing.h's PROVEN_SIZE
+        try:
+            self._compile_and_load(BPF, self.settings.cflags())
+        except _Refused as refused:
+            # An older verifier (Debian 12's 6.1) cannot follow the helper
+            # sizes as written; the same program with sizes it can prove.
+            self.bpf.cleanup()
+            try:
+                self._compile_and_load(BPF, [*self.settings.cflags(), PROVEN_SIZES_CFLAG])
+            except _Refused:
+                raise CompileError(str(refused)) from None
+            self.proven_sizes = True
+        self.attachments: list[Attachment] = []
+        self._set_watched_ports()
+
+    def _compile_and_load(self, BPF: Any, cflags: list[str]) -> None:
         with _captured_stderr() as log:
             try:
-                self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=self.settings.cflags())
+                self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
             except Exception as exc:  # BCC raises bare Exception
                 failure: Exception | None = exc
             else:
                 failure = None
         if failure is not None:
             raise CompileError(f"BCC could not compile {SOURCE}: {failure}\n{_tail(log[0])}")
-
         self.xdp_fn = self._load(XDP_PROGRAM, BPF.XDP)
         self.tc_fn = self._load(TC_PROGRAM, BPF.SCHED_CLS)
-        self.attachments: list[Attachment] = []
-        self._set_watched_ports()
 
     def _load(self, name: str, prog_type: int) -> Any:
         with _captured_stderr() as log:
@@ -187,7 +208,7 @@ class Sensor:
             else:
                 failure = None
         if failure is not None:
-            raise CompileError(
+            raise _Refused(
                 f"the kernel refused program {name}: {failure}\n"
                 f"verifier log (tail):\n{_tail(log[0])}"
             )
