@@ -14,8 +14,9 @@ requests or rescore_every_s has passed, so scoring costs follow what clients
 do, not how many events they cause. Time is the events' own (the sensor's
 monotonic clock), so a replay decides exactly as the live run did.
 
-A learning period (learning_s of event time) collects this host's own
-traffic; at its end the baseline anomaly and journey models (those named in
+A learning period (learning_s of event time, from the first client seen:
+an agent started on a quiet host learns nothing from the quiet) collects
+this host's own traffic; at its end the baseline anomaly and journey models (those named in
 `learn`) are fitted on it and start to speak. Until then only the rules that
 need no traffic (consistency, campaigns with default thresholds) do. The
 baseline's 10-minute windows need a learning period longer than that to see
@@ -24,6 +25,7 @@ steady-state clients; the journey model only needs sessions.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -58,6 +60,7 @@ CAMPAIGN_KINDS = ("ja4", "tcp", "http", "ja4+prefix", "ja4+tcp")
 # has passed or it has sent this many more requests, whichever comes first:
 # a loud client is judged every tick, a quiet one rarely.
 RESCORE_AFTER_REQUESTS = 5
+log = logging.getLogger("botwall.engine")
 LOW_RISK = 10.0
 LOW_RISK_RESCORE_S = 30.0
 LOW_RISK_RESCORE_REQUESTS = 20
@@ -505,11 +508,27 @@ class Engine:
 
     # ---- learning ----
 
+    def learning_state(self) -> dict[str, Any]:
+        """ "waiting" for the first client, "learning" until its end, or "done"."""
+        learning = self._learning
+        if learning is None:
+            return {"state": "done"}
+        if learning.until is None:
+            return {"state": "waiting", "duration_s": learning.duration_s}
+        return {
+            "state": "learning",
+            "left_s": max(0.0, learning.until - self._now),
+            "sessions": len(learning.sessions),
+            "vectors": len(learning.vectors),
+        }
+
     def _learn(self, now: float) -> None:
         learning = self._learning
         if learning is None:
             return
         if learning.until is None:
+            if not self._profiles:
+                return  # the period starts with the first client, not with the agent
             learning.until = now + learning.duration_s
         if now < learning.until:
             # Every client active in the last minute, once per tick: a client's
@@ -542,6 +561,11 @@ class Engine:
         usable = [s for s in sessions if len(s) >= 2]
         if "journey" in self._learn_models and len(usable) >= MIN_JOURNEY_SESSIONS:
             self.scorer.journey = JourneyModel().fit(usable)
+        log.info(
+            "learning done on %d vectors and %d sessions; models speaking: %s",
+            len(vectors), len(usable),
+            ", ".join(name for name, on in self.scorer.trained().items() if on) or "none",
+        )  # fmt: skip
 
 
 # Keys many ordinary clients share: being one of their members proves nothing.
@@ -623,4 +647,8 @@ def stats_dict(engine: Engine) -> dict[str, Any]:
         "behaviour_latency_p50_s": bh.percentile(50),
         "behaviour_latency_p99_s": bh.percentile(99),
         "observer": dict(engine.observer.stats),
+        # Which models speak, and whether the learning period is still on:
+        # what an operator checks first when a bot goes unflagged.
+        "models": engine.scorer.trained(),
+        "learning": engine.learning_state(),
     }

@@ -112,3 +112,16 @@ def test_campaign_inputs_from_features() -> None:
     assert inputs["synchrony"] == 0.5
     assert inputs["fingerprint_rarity"] == pytest.approx(1 - math.exp(-3.0))
     assert inputs["distinct_addrs"] == 40.0
+
+
+def test_the_learning_period_starts_with_the_first_client_not_with_the_agent() -> None:
+    # An agent that ticks on a quiet host for longer than its learning period
+    # (a slow start, a service brought up after it) still learns the traffic
+    # that follows: a period spent on silence would leave the journey model unfit.
+    engine = make_engine()
+    first_event = next(iter(mixed_traffic()))
+    engine.tick(now=first_event.ts_ns / 1e9 - 2 * 880.0)
+    for event in mixed_traffic():
+        engine.process(event)
+    engine.tick()
+    assert engine.scorer.trained()["journey"]
