@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: install system test test-fast bench demo lint clean
+.PHONY: install system test test-fast test-vagrant bench demo lint clean
 
 install: system $(STAMPS)/venv
 
@@ -16,7 +16,7 @@ system:
 
 # The venv must come from Debian's python3 (BCC's bindings live there) and see
 # its site-packages; the PyPI package named "bcc" is unrelated and never used.
-$(STAMPS)/venv: pyproject.toml scripts/install-system.sh
+$(STAMPS)/venv: pyproject.toml scripts/install-system.sh scripts/debian-packages.txt
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -29,6 +29,12 @@ test: install
 # Without root or namespaces: fingerprints, replay, models.
 test-fast: install
 	$(PY) -m pytest -m "not kernel and not netns"
+
+# The lab across three VMs (vagrant/): builds the box when its inputs change,
+# starts libvirt, runs a short mixed scenario, checks it through the api VM's
+# admin API, and leaves nothing running or defined. Report: vagrant-report/.
+test-vagrant: install
+	bash vagrant/test-vagrant.sh
 
 bench: install
 	$(PY) -m bench.run

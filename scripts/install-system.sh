@@ -3,12 +3,10 @@
 # nothing when it is all there already (a second run only checks).
 set -euo pipefail
 
-packages=(
-  python3-bpfcc bpftool iproute2 libbpf1 python3-venv python3-dev python3-cryptography
-  linux-headers-amd64
-  # real peers and tools used by the tests and the lab
-  openssl curl nginx tshark tcpdump gnutls-bin golang-go nodejs chromium hydra wrk util-linux
-)
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# One list, shared with the Vagrant box build (vagrant/build-box.sh).
+mapfile -t packages < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$here/debian-packages.txt")
+((${#packages[@]})) || { echo "install-system: $here/debian-packages.txt lists nothing" >&2; exit 1; }
 
 missing=()
 for p in "${packages[@]}"; do
