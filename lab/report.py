@@ -229,6 +229,16 @@ class _Coverage:
         return found
 
 
+def addresses_under_verdicts(
+    decisions: Iterable[Mapping[str, Any]], addresses: Iterable[str]
+) -> set[str]:
+    """Those of `addresses` that an enforced (not shadow) mitigating verdict on
+    an address or a CIDR covered at some time, whatever the time."""
+    verdicts = [v for i, d in enumerate(decisions) if (v := _verdict(d, i)) is not None]
+    coverage = _Coverage(verdicts)
+    return {a for a in addresses if coverage.covering(a)}
+
+
 # ---- results ----
 
 

@@ -142,6 +142,42 @@ class LabError(RuntimeError):
     pass
 
 
+def write_agent_config(
+    path: Path,
+    *,
+    ifaces: Sequence[str],
+    pin_dir: str,
+    state_dir: Path,
+    token: str,
+    learning_s: float,
+    api_host: str = "127.0.0.1",
+) -> Path:
+    """The lab agent's configuration: the shop's TLS port on `ifaces`, its
+    plaintext upstream on loopback, the lab's policy. Shared by this lab and
+    the Vagrant lab (lab.vm)."""
+    path.write_text(
+        "\n".join(
+            [
+                f"ifaces = {json.dumps(list(ifaces))}",
+                f"tls_ports = [{TLS_PORT}]",
+                f"http_ports = [{UPSTREAM_PORT}]",
+                f"pin_dir = {json.dumps(pin_dir)}",
+                f"state_dir = {json.dumps(str(state_dir))}",
+                f"api_host = {json.dumps(api_host)}",
+                f"api_port = {API_PORT}",
+                f"admin_token = {json.dumps(token)}",
+                f"policy_file = {json.dumps(str(LAB_POLICY))}",
+                f"learning_s = {learning_s}",
+                # A run of minutes cannot show the baseline model steady
+                # state (its windows are 10 minutes): journeys only.
+                'learn_models = ["journey"]',
+            ]
+        )
+        + "\n"
+    )
+    return path
+
+
 class Lab:
     """The whole lab; a context manager that always tears down."""
 
@@ -207,25 +243,13 @@ class Lab:
     def _start_agent(self) -> None:
         (self.workdir / "admin.token").write_text(self.token)
         os.chmod(self.workdir / "admin.token", 0o600)
-        config = self.workdir / "agent.toml"
-        config.write_text(
-            "\n".join(
-                [
-                    f'ifaces = [{json.dumps(self.topo.server_if)}, "lo"]',
-                    f"tls_ports = [{TLS_PORT}]",
-                    f"http_ports = [{UPSTREAM_PORT}]",
-                    f"pin_dir = {json.dumps(self.pin_dir)}",
-                    f"state_dir = {json.dumps(str(self.workdir / 'state'))}",
-                    f"api_port = {API_PORT}",
-                    f"admin_token = {json.dumps(self.token)}",
-                    f"policy_file = {json.dumps(str(LAB_POLICY))}",
-                    f"learning_s = {self.options.learning_s}",
-                    # A run of minutes cannot show the baseline model steady
-                    # state (its windows are 10 minutes): journeys only.
-                    'learn_models = ["journey"]',
-                ]
-            )
-            + "\n"
+        config = write_agent_config(
+            self.workdir / "agent.toml",
+            ifaces=[self.topo.server_if, "lo"],
+            pin_dir=self.pin_dir,
+            state_dir=self.workdir / "state",
+            token=self.token,
+            learning_s=self.options.learning_s,
         )
         # nsenter enters only the network namespace: the agent keeps the
         # host's /sys/fs/bpf for its pins (`ip netns exec` remounts /sys).
