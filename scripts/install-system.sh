@@ -8,19 +8,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 mapfile -t packages < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$here/debian-packages.txt")
 ((${#packages[@]})) || { echo "install-system: $here/debian-packages.txt lists nothing" >&2; exit 1; }
 
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "install-system: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  # tshark asks whether non-root users may capture; the default answer is fine.
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
-else
-  echo "install-system: Debian packages already installed"
-fi
+bash "$here/install-packages.sh" install-system "${packages[@]}"
 
 # BCC compiles against /lib/modules/$(uname -r)/build. When the running kernel
 # has no header package of its own (a cloud or VM kernel), Debian's generic

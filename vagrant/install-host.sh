@@ -9,15 +9,4 @@ packages=(
   # building the box
   debootstrap extlinux syslinux-common fdisk e2fsprogs git
 )
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "install-host: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
-else
-  echo "install-host: Debian packages already installed"
-fi
+bash "$(dirname "${BASH_SOURCE[0]}")/../scripts/install-packages.sh" install-host "${packages[@]}"
