@@ -63,6 +63,7 @@ CLIENT_V4 = 1100  # the issue asks for at least 1,000 IPv4 client addresses
 CLIENT_V6 = 64
 CRAWLER_RANGE = "10.201.1.0/29"  # lab/policy.toml's googlebot range: the first 8 addresses
 AGENT_READY_S = 180.0  # BCC compiles the programs when the agent starts
+LEARNING_GRACE_S = 30.0  # at most this long past learning_s for the agent to say it is done
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,12 @@ class LabOptions:
 
 class LabError(RuntimeError):
     pass
+
+
+def agent_learned(stats: dict[str, Any]) -> bool:
+    """Whether the agent's /v1/stats says its learning period is over."""
+    learning = (stats.get("engine") or {}).get("learning") or {}
+    return learning.get("state") == "done"
 
 
 def write_agent_config(
@@ -301,6 +308,11 @@ class Lab:
                 self._launch(s, end - time.time())
         while time.time() < self.attack_started:
             self._tick(on_tick, 1.0)
+        # The agent's period starts with its first client, a little after
+        # ours: the bots join once it has learned, or they would be learned.
+        while time.time() < self.attack_started + LEARNING_GRACE_S and not self._learned():
+            self._tick(on_tick, 0.5)
+        self.attack_started = time.time()
         for s in self.scenarios:
             if s.attack:
                 length = end - time.time()
@@ -310,6 +322,11 @@ class Lab:
         self._wait_clients(grace_s=15.0)
         ended = time.time()
         return self._evaluate(ended)
+
+    def _learned(self) -> bool:
+        with contextlib.suppress(LabError, httpx.HTTPError, RuntimeError):
+            return agent_learned(self.api("GET", "/v1/stats"))
+        return False
 
     def _tick(self, on_tick: Callable[[Lab], None] | None, seconds: float) -> None:
         if self.agent is not None and self.agent.poll() is not None:

@@ -38,7 +38,7 @@ import httpx
 from lab.netns import LabError
 from lab.records import RequestRecord, parse_records
 from lab.report import ScenarioInfo, addresses_under_verdicts, evaluate, print_summary, write_report
-from lab.run import API_PORT, BY_NAME, REPO_ROOT
+from lab.run import API_PORT, BY_NAME, LEARNING_GRACE_S, REPO_ROOT, agent_learned
 
 VAGRANT_DIR = REPO_ROOT / "vagrant"
 GUEST_REPO = "/opt/botwall"
@@ -199,7 +199,12 @@ class VagrantLab:
         started = time.time()
         self.start_clients(honest, self.duration_s)
         time.sleep(self.learning_s)
-        self.start_clients(attacker, self.duration_s - self.learning_s)
+        # The agent learns for learning_s from its first client: the bots
+        # join once it says it is done, or they would be learned as normal.
+        deadline = time.monotonic() + LEARNING_GRACE_S
+        while time.monotonic() < deadline and not agent_learned(self.admin("GET", "/v1/stats")):
+            time.sleep(2)
+        self.start_clients(attacker, self.duration_s - (time.time() - started))
         self.wait_clients([honest, attacker], timeout_s=self.duration_s + 300)
         ended = time.time()
         records = sorted(self.records(honest) + self.records(attacker), key=lambda r: r.ts)

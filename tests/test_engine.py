@@ -13,6 +13,7 @@ from controlplane.models.campaign import CampaignDetector
 from controlplane.models.consistency import ConsistencyModel
 from controlplane.policy import Policy, PolicyEngine
 from controlplane.scoring import RiskScorer
+from lab.run import agent_learned
 from lab.synthetic import mixed_traffic
 
 
@@ -90,6 +91,21 @@ def test_stats_count_the_run(run: tuple[Engine, list[Decision]]) -> None:
     assert stats["decisions"] == len(decisions)
     assert stats["ticks"] > 100
     assert stats["events_per_s"] > 0
+    # What the lab waits for before its bots join (lab.run.agent_learned).
+    assert agent_learned({"engine": stats})
+    assert stats["models"]["journey"] and stats["models"]["consistency"]
+
+
+def test_learning_state_waits_for_the_first_client_then_counts_down() -> None:
+    engine = make_engine(learning_s=60.0)
+    engine.tick(now=5.0)
+    assert stats_dict(engine)["learning"]["state"] == "waiting"
+    assert not agent_learned({"engine": stats_dict(engine)})
+    first = next(iter(mixed_traffic()))
+    engine.process(first)
+    engine.tick(now=first.ts_ns / 1e9 + 1.0)
+    state = stats_dict(engine)["learning"]
+    assert state["state"] == "learning" and 0 < state["left_s"] <= 61.0
 
 
 def test_campaign_inputs_from_features() -> None:
