@@ -41,6 +41,10 @@ def _loopback(host: str) -> bool:
         return False  # a name could resolve to anything: treat it as public
 
 
+LearnableModel = Literal["baseline", "journey"]
+LEARNABLE_MODELS: tuple[LearnableModel, ...] = ("baseline", "journey")
+
+
 class Settings(BaseSettings):
     """Everything `botwall run` can be told."""
 
@@ -61,9 +65,7 @@ class Settings(BaseSettings):
     # The unsupervised models fitted at the end of the learning period. The
     # baseline's 10-minute windows need a period of an hour or more to learn
     # steady-state clients; a short period (a demo) should learn the journeys only.
-    learn_models: list[Literal["baseline", "journey"]] = Field(
-        default_factory=lambda: ["baseline", "journey"]
-    )
+    learn_models: list[LearnableModel] = Field(default_factory=lambda: list(LEARNABLE_MODELS))
     score_every_s: float = Field(0.5, gt=0, le=60)
     idle_timeout_s: float = Field(30.0, gt=0)
 
