@@ -90,6 +90,8 @@ enum verdict_kind_bit {
 	VERDICT_BLOCK_FLOW = 1 << 4,
 	VERDICT_THROTTLE = 1 << 5,
 	VERDICT_TARPIT = 1 << 6,
+	VERDICT_BLOCK_HELLO = 1 << 7, /* user space sets VERDICT_BLOCK_FLOW with it */
+	VERDICT_HELLO_EXEMPT = 1 << 8,
 };
 
 /* Common head of every verdict value. The kernel ignores a verdict once its
@@ -124,6 +126,24 @@ struct tarpit_entry {
 	__u32 syns_to_drop;
 	__u32 pad;
 };
+
+/* ---- ClientHello keys: the kernel's stand-in for a blocked JA4 ----
+ *
+ * The kernel cannot compute a JA4 (it sorts lists and hashes with SHA-256), so
+ * a JA4 verdict reaches it as the keys of the ClientHellos user space saw with
+ * that JA4: FNV-1a 64 over the cipher-suite list as sent (two bytes each, big
+ * endian), GREASE values (RFC 8701: 0x?a?a with both bytes equal) left out, at
+ * most HELLO_KEY_MAX_CIPHERS suites. The cipher list is the part of a hello
+ * that always sits in its first segment and that one client stack sends the
+ * same on every connection. Key 0 means "no key": the hello was not readable.
+ * sensor/fingerprint/tls.py computes the same key from a parsed hello. */
+#define HELLO_KEY_MAX_CIPHERS 128
+#define HELLO_KEY_FNV_OFFSET 0xcbf29ce484222325ULL
+#define HELLO_KEY_FNV_PRIME 0x100000001b3ULL
+/* A connection whose hello the kernel dropped stays blocked this long (the
+ * client's retransmissions and later segments), or until the key's verdict
+ * ends if that is sooner. */
+#define HELLO_FLOW_BLOCK_NS 120000000000ULL /* 120 s */
 
 /* Runtime knobs, one entry. */
 struct config {
@@ -189,11 +209,13 @@ enum counter_id {
 	CTR_DROP_THROTTLE_CONN,
 	CTR_DROP_THROTTLE_PKT,
 	CTR_DROP_TARPIT,
+	CTR_DROP_BLOCK_HELLO, /* a new ClientHello whose key is blocked */
 	/* verdict map hits, including those that let the packet through */
 	CTR_HIT_ALLOW,
 	CTR_HIT_ALLOW_CIDR,
 	CTR_HIT_THROTTLE, /* source under throttle, conforming or not */
 	CTR_HIT_TARPIT, /* source under tarpit, any packet */
+	CTR_HIT_HELLO_EXEMPT, /* blocked hello key, but its source is exempt */
 	CTR_VERDICT_EXPIRED, /* entry found but past its expiry: ignored */
 	/* events */
 	CTR_EVENT_SYN,

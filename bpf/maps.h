@@ -34,6 +34,13 @@ BPF_TABLE_PINNED("hash", union addr16, struct throttle_entry, throttle, VERDICT_
 /* client address -> SYNs to drop per new connection */
 BPF_TABLE_PINNED("hash", union addr16, struct tarpit_entry, tarpit, VERDICT_TABLE_SIZE,
 		 PIN_DIR "/tarpit");
+/* ClientHello key (see common.h) -> verdict: drop the hello, block its flow */
+BPF_TABLE_PINNED("hash", __u64, struct verdict, block_hello, VERDICT_TABLE_SIZE,
+		 PIN_DIR "/block_hello");
+/* client address -> verdict: its hellos pass a blocked key (a declared agent
+ * that runs the same TLS stack as a blocked bot) */
+BPF_TABLE_PINNED("hash", union addr16, struct verdict, hello_exempt, VERDICT_TABLE_SIZE,
+		 PIN_DIR "/hello_exempt");
 /* 0 -> runtime knobs, including which verdict maps may hold entries */
 BPF_TABLE_PINNED("array", __u32, struct config, config, 1, PIN_DIR "/config");
 
@@ -51,6 +58,24 @@ BPF_TABLE("lru_hash", union addr16, struct source_state, sources, SOURCE_TABLE_S
 BPF_PERCPU_ARRAY(counters, __u64, CTR_MAX);
 /* 0 -> scratch record for variable-length payload events (the stack is 512 bytes) */
 BPF_PERCPU_ARRAY(payload_scratch, struct payload_event, 1);
+/* What botwall_xdp hands to botwall_hello about a new ClientHello. Kernel
+ * only: never crosses to user space. */
+struct hello_check {
+	struct flow_tuple flow;
+	__u32 payload_offset;
+	__u32 result; /* enum counter_id so far: CTR_PASS */
+};
+/* 0 -> the hello being checked (per CPU: XDP runs to completion on one CPU,
+ * tail call included) */
+BPF_PERCPU_ARRAY(hello_scratch, struct hello_check, 1);
+
+/* Programs botwall_xdp tail-calls, each with a verifier budget of its own. */
+enum tail_call {
+	TAIL_CALL_HELLO = 0, /* botwall_hello */
+	TAIL_CALL_MAX,
+};
+/* enum tail_call -> program, filled by sensor/loader.py */
+BPF_PROG_ARRAY(tail_calls, TAIL_CALL_MAX);
 /* every observation record, see enum event_type */
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 

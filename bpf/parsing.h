@@ -53,6 +53,7 @@ struct packet {
 	__u8 df;
 	__u8 ecn;
 	__u8 flow_label_set;
+	__u8 new_hello; /* set by observe(): this segment starts a ClientHello */
 };
 
 /* PROVEN_SIZE(len, max): the size for a bpf_xdp_load_bytes() call, `len`,

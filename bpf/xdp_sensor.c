@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* The sensor's two programs: XDP ingress (parse -> enforce -> observe, one exit
- * that counts the result) and tc egress (the server's side of each flow).
+/* The sensor's programs: XDP ingress (parse -> enforce -> observe, one exit
+ * that counts the result), the ClientHello check it tail-calls for a new
+ * hello, and tc egress (the server's side of each flow).
  *
  * It never decides: it applies verdicts user space wrote and reports what it saw.
  * Failure policy: fail open. A packet it cannot parse, a map it cannot update,
@@ -345,6 +346,7 @@ static __always_inline void capture_hello(struct xdp_md *ctx, struct packet *pkt
 		return;
 
 	fs->hellos++;
+	pkt->new_hello = 1;
 	captured = emit_payload(ctx, pkt, EVENT_HELLO, HELLO_MAX_BYTES, fs->hellos, 1);
 	fs->hello_segments = 1;
 	fs->hello_bytes = captured;
@@ -499,6 +501,107 @@ static __always_inline void observe(struct xdp_md *ctx, struct packet *pkt, __u8
 		end_flow(&pkt->flow, fs, tcp->rst ? FLOW_END_RST : FLOW_END_FIN, now);
 }
 
+/* ---- blocked ClientHello keys (see common.h) ----
+ *
+ * A JA4 verdict written by user space as a flow block lands after the hello
+ * that showed the JA4 has been answered: a client quick enough sends its
+ * request before it. Here the kernel drops the hello itself, so not one
+ * request of a blocked client stack gets through, from any new address. It is
+ * a program of its own, reached by tail call, because botwall_xdp has no
+ * verifier budget left for a loop over the cipher suites.
+ */
+
+static __always_inline void check_hello(struct xdp_md *ctx, const struct packet *pkt)
+{
+	struct hello_check *hc;
+	__u32 zero = 0;
+
+	hc = hello_scratch.lookup(&zero);
+	if (!hc)
+		return;
+	hc->flow = pkt->flow;
+	hc->payload_offset = pkt->payload_offset;
+	hc->result = CTR_PASS;
+	tail_calls.call(ctx, TAIL_CALL_HELLO);
+}
+
+static __always_inline int is_grease(__u8 hi, __u8 lo)
+{
+	return hi == lo && (lo & 0x0f) == 0x0a;
+}
+
+/* The hello's key, or 0 if the segment does not hold a readable cipher list. */
+static __always_inline __u64 hello_key(struct xdp_md *ctx, __u32 offset)
+{
+	__u64 hash = HELLO_KEY_FNV_OFFSET;
+	__u8 head[2], suite[2], session_id_len;
+	__u32 suites, i;
+
+	/* Record header (5), handshake header (4), version (2), random (32),
+	 * then the session id's length. */
+	if (bpf_xdp_load_bytes(ctx, offset, head, 1) < 0 || head[0] != 0x16)
+		return 0;
+	if (bpf_xdp_load_bytes(ctx, offset + 43, &session_id_len, 1) < 0 || session_id_len > 32)
+		return 0;
+	offset += 44 + session_id_len;
+	if (bpf_xdp_load_bytes(ctx, offset, head, 2) < 0)
+		return 0;
+	suites = ((__u32)head[0] << 8 | head[1]) / 2;
+	offset += 2;
+	for (i = 0; i < HELLO_KEY_MAX_CIPHERS && i < suites; i++) {
+		if (bpf_xdp_load_bytes(ctx, offset + 2 * i, suite, 2) < 0)
+			return 0;
+		if (is_grease(suite[0], suite[1]))
+			continue;
+		hash = (hash ^ suite[0]) * HELLO_KEY_FNV_PRIME;
+		hash = (hash ^ suite[1]) * HELLO_KEY_FNV_PRIME;
+	}
+	return hash ? hash : 1;
+}
+
+int botwall_hello(struct xdp_md *ctx)
+{
+	struct verdict *blocked, *exempt, flow_block;
+	struct hello_check *hc;
+	struct config *cfg;
+	__u32 zero = 0;
+	__u64 key, now;
+
+	hc = hello_scratch.lookup(&zero);
+	if (!hc)
+		return XDP_PASS;
+	cfg = config.lookup(&zero);
+	if (!cfg || !(cfg->verdict_kinds & VERDICT_BLOCK_HELLO))
+		goto pass;
+	key = hello_key(ctx, hc->payload_offset);
+	if (!key)
+		goto pass;
+	blocked = block_hello.lookup(&key);
+	now = bpf_ktime_get_coarse_ns();
+	if (!blocked || !verdict_live(blocked, now))
+		goto pass;
+	if (cfg->verdict_kinds & VERDICT_HELLO_EXEMPT) {
+		exempt = hello_exempt.lookup(&hc->flow.saddr);
+		if (exempt && verdict_live(exempt, now)) {
+			count(CTR_HIT_HELLO_EXEMPT);
+			goto pass;
+		}
+	}
+	/* The client retransmits the hello and may send more: the whole
+	 * connection goes, for as long as a connection needs. User space set
+	 * VERDICT_BLOCK_FLOW when it wrote the key. */
+	flow_block = *blocked;
+	flow_block.created_ns = now;
+	if (flow_block.expires_ns > now + HELLO_FLOW_BLOCK_NS)
+		flow_block.expires_ns = now + HELLO_FLOW_BLOCK_NS;
+	block_flow.update(&hc->flow, &flow_block);
+	count(CTR_DROP_BLOCK_HELLO);
+	return XDP_DROP;
+pass:
+	count(hc->result);
+	return XDP_PASS;
+}
+
 int botwall_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -529,6 +632,8 @@ int botwall_xdp(struct xdp_md *ctx)
 		goto out;
 	}
 	observe(ctx, &pkt, *watch);
+	if (pkt.new_hello && result == CTR_PASS)
+		check_hello(ctx, &pkt); /* returns only if the tail call failed */
 out:
 	count(result);
 	return action;

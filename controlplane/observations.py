@@ -35,7 +35,7 @@ from sensor.fingerprint.http import HttpParseError, parse_request_head
 from sensor.fingerprint.ja4 import ja4
 from sensor.fingerprint.reassembly import HelloAssembler
 from sensor.fingerprint.tcp import os_guess, syn_signature
-from sensor.fingerprint.tls import ParseError, parse_client_hello
+from sensor.fingerprint.tls import ParseError, hello_key, parse_client_hello
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -88,6 +88,7 @@ class Connection:
     stage: ConnectionStage
     fingerprint: ClientFingerprint
     server: IPAddress | None = None  # the address the client connected to
+    hello_key: int | None = None  # at HELLO: the kernel's key for its stack (bpf/common.h)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +255,8 @@ class Observer:
         info = self._info(ev.flow)
         info.fingerprint = replace(info.fingerprint, ja4=ja4(hello), sni=hello.sni)
         self.stats["hellos"] += 1
-        return [self._connection(ev.ts_ns, ev.flow, ConnectionStage.HELLO, info)]
+        conn = self._connection(ev.ts_ns, ev.flow, ConnectionStage.HELLO, info)
+        return [replace(conn, hello_key=hello_key(hello))]
 
     def _on_request_head(self, ev: HttpRequestHead) -> None:
         try:

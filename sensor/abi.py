@@ -20,6 +20,11 @@ HELLOS_PER_FLOW = 2
 HTTP_HEAD_MAX_BYTES = 1024
 PAYLOAD_MAX_BYTES = HELLO_MAX_BYTES
 GAP_CAP_US = 60_000_000
+# ClientHello keys (bpf/common.h; computed by sensor.fingerprint.tls.hello_key)
+HELLO_KEY_MAX_CIPHERS = 128
+HELLO_KEY_FNV_OFFSET = 0xCBF29CE484222325
+HELLO_KEY_FNV_PRIME = 0x100000001B3
+HELLO_FLOW_BLOCK_NS = 120_000_000_000
 
 IPV4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
@@ -51,6 +56,8 @@ class VerdictKind(enum.IntFlag):
     BLOCK_FLOW = 1 << 4
     THROTTLE = 1 << 5
     TARPIT = 1 << 6
+    BLOCK_HELLO = 1 << 7
+    HELLO_EXEMPT = 1 << 8
 
 
 class Verdict(ctypes.Structure):
@@ -135,10 +142,12 @@ class Counter(enum.IntEnum):
     DROP_THROTTLE_CONN = enum.auto()
     DROP_THROTTLE_PKT = enum.auto()
     DROP_TARPIT = enum.auto()
+    DROP_BLOCK_HELLO = enum.auto()
     HIT_ALLOW = enum.auto()
     HIT_ALLOW_CIDR = enum.auto()
     HIT_THROTTLE = enum.auto()
     HIT_TARPIT = enum.auto()
+    HIT_HELLO_EXEMPT = enum.auto()
     VERDICT_EXPIRED = enum.auto()
     EVENT_SYN = enum.auto()
     EVENT_HELLO = enum.auto()

@@ -28,6 +28,8 @@ SOURCE = BPF_DIR / "xdp_sensor.c"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/botwall"
 
 XDP_PROGRAM = "botwall_xdp"
+HELLO_PROGRAM = "botwall_hello"  # tail-called by XDP_PROGRAM, see bpf/xdp_sensor.c
+TAIL_CALL_HELLO = 0  # enum tail_call in bpf/maps.h
 TC_PROGRAM = "botwall_tc_egress"
 # The kernel keeps 15 characters of a program's name.
 OWN_PROGRAM_PREFIX = "botwall_"
@@ -41,6 +43,8 @@ PINNED_MAPS = (
     "block_flow",
     "throttle",
     "tarpit",
+    "block_hello",
+    "hello_exempt",
     "config",
 )
 
@@ -197,7 +201,10 @@ class Sensor:
         if failure is not None:
             raise CompileError(f"BCC could not compile {SOURCE}: {failure}\n{_tail(log[0])}")
         self.xdp_fn = self._load(XDP_PROGRAM, BPF.XDP)
+        self.hello_fn = self._load(HELLO_PROGRAM, BPF.XDP)
         self.tc_fn = self._load(TC_PROGRAM, BPF.SCHED_CLS)
+        tail_calls = self.table("tail_calls")
+        tail_calls[ctypes.c_int(TAIL_CALL_HELLO)] = ctypes.c_int(self.hello_fn.fd)
 
     def _load(self, name: str, prog_type: int) -> Any:
         with _captured_stderr() as log:

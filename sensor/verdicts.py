@@ -79,7 +79,7 @@ class VerdictEntry:
     """One live or expired entry, as listed."""
 
     kind: VerdictKind
-    target: str  # an address, a CIDR, or a flow "src:port->dst:port"
+    target: str  # an address, a CIDR, a flow "src:port->dst:port" or "hello:<key>"
     reason: str
     expires_in_s: float  # negative once expired
     detail: dict[str, float]
@@ -124,6 +124,23 @@ class VerdictMaps:
     def block_flow(self, flow: Flow, ttl: float, reason: str) -> None:
         """Drop one connection (client -> server 5-tuple)."""
         self._put(VerdictKind.BLOCK_FLOW, "block_flow", _flow_key(flow), self._verdict(ttl, reason))
+
+    def block_hello(self, key: int, ttl: float, reason: str) -> None:
+        """Drop every new ClientHello with this key (sensor.fingerprint.tls.hello_key)
+        and block its connection, unless its source is exempt (exempt_hello)."""
+        if not 0 < key < 1 << 64:
+            raise ValueError(f"a hello key is a non-zero 64-bit number, got {key!r}")
+        self._put(
+            VerdictKind.BLOCK_HELLO, "block_hello", ctypes.c_uint64(key), self._verdict(ttl, reason)
+        )
+
+    def exempt_hello(self, target: str | IPAddress, ttl: float, reason: str) -> None:
+        """Let this address's hellos pass a blocked key: a client the policy spares
+        from fingerprint verdicts (a declared agent) on a blocked bot's TLS stack."""
+        addr = parse_address(target)
+        self._put(
+            VerdictKind.HELLO_EXEMPT, "hello_exempt", abi.addr16(addr), self._verdict(ttl, reason)
+        )
 
     def throttle(
         self,
@@ -195,6 +212,13 @@ class VerdictMaps:
     def unblock_flow(self, flow: Flow) -> int:
         return self._delete(VerdictKind.BLOCK_FLOW, "block_flow", _flow_key(flow))
 
+    def unblock_hello(self, key: int) -> int:
+        return self._delete(VerdictKind.BLOCK_HELLO, "block_hello", ctypes.c_uint64(key))
+
+    def unexempt_hello(self, target: str | IPAddress) -> int:
+        key = abi.addr16(parse_address(target))
+        return self._delete(VerdictKind.HELLO_EXEMPT, "hello_exempt", key)
+
     def disallow(self, target: str | IPAddress | IPNetwork) -> int:
         """Removes an allow entry."""
         if _is_cidr(target):
@@ -238,6 +262,8 @@ class VerdictMaps:
     def _clear_kind_if_empty(self, kind: VerdictKind, table: Any) -> None:
         if next(iter(table.keys()), None) is None:
             self._set_kinds(self._kinds() & ~kind)
+            if kind is VerdictKind.BLOCK_HELLO:  # it held BLOCK_FLOW up (_set_kinds)
+                self._clear_kind_if_empty(VerdictKind.BLOCK_FLOW, self._table("block_flow"))
 
     # ---- reading ----
 
@@ -266,6 +292,10 @@ class VerdictMaps:
         return VerdictKind(config.verdict_kinds)
 
     def _set_kinds(self, kinds: VerdictKind) -> None:
+        if kinds & VerdictKind.BLOCK_HELLO:
+            # The kernel blocks the flow of each hello it drops: its entries
+            # must be looked at, or the hello's retransmission would pass.
+            kinds |= VerdictKind.BLOCK_FLOW
         table = self._table("config")
         config = table[ctypes.c_uint32(0)]
         config.verdict_kinds = int(kinds)
@@ -280,7 +310,14 @@ _MAPS = (
     (VerdictKind.BLOCK_FLOW, "block_flow"),
     (VerdictKind.THROTTLE, "throttle"),
     (VerdictKind.TARPIT, "tarpit"),
+    (VerdictKind.BLOCK_HELLO, "block_hello"),
+    (VerdictKind.HELLO_EXEMPT, "hello_exempt"),
 )
+
+
+def hello_target(key: int) -> str:
+    """How a hello key is shown and named: "hello:<16 hex digits>"."""
+    return f"hello:{key:016x}"
 
 
 def _is_cidr(target: object) -> bool:
@@ -316,6 +353,8 @@ def _describe_key(kind: VerdictKind, key: Any) -> str:
         from sensor.events import flow_from_abi
 
         return str(flow_from_abi(abi.FlowTuple.from_buffer_copy(key)))
+    if kind is VerdictKind.BLOCK_HELLO:
+        return hello_target(key.value)
     raw = bytes(abi.Addr16.from_buffer_copy(key).b)
     version = 4 if raw[:12] == abi.IPV4_MAPPED_PREFIX else 6
     return str(abi.addr_from_bytes(raw, version))

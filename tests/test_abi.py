@@ -260,7 +260,9 @@ def test_versions_and_sizes_match_the_c() -> None:
         "HTTP_HEAD_MAX_BYTES",
     ):
         assert int(defines[name], 0) == getattr(abi, name), name
-    assert defines["GAP_CAP_US"] == f"{abi.GAP_CAP_US}ULL"
+    assert defines["HELLO_KEY_MAX_CIPHERS"] == str(abi.HELLO_KEY_MAX_CIPHERS)
+    for name in ("GAP_CAP_US", "HELLO_KEY_FNV_OFFSET", "HELLO_KEY_FNV_PRIME", "HELLO_FLOW_BLOCK_NS"):
+        assert int(defines[name].removesuffix("ULL"), 0) == getattr(abi, name), name
     assert defines["PAYLOAD_MAX_BYTES"] == "HELLO_MAX_BYTES"
 
 

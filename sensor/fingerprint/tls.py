@@ -17,6 +17,8 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from sensor import abi
+
 HANDSHAKE_CLIENT_HELLO = 1
 HANDSHAKE_HEADER_LEN = 4
 # The largest ClientHello we accept. Real ones are a few KiB even with
@@ -73,6 +75,19 @@ class ClientHello:
 
     def has_extension(self, ext_type: int) -> bool:
         return any(t == ext_type for t, _ in self.extensions)
+
+
+def hello_key(hello: ClientHello) -> int:
+    """The kernel's key for this hello's client stack (bpf/common.h, computed
+    again by botwall_hello in bpf/xdp_sensor.c): FNV-1a 64 over the cipher
+    suites as sent, GREASE left out, the first HELLO_KEY_MAX_CIPHERS only."""
+    key = abi.HELLO_KEY_FNV_OFFSET
+    for suite in hello.cipher_suites[: abi.HELLO_KEY_MAX_CIPHERS]:
+        if is_grease(suite):
+            continue
+        for byte in suite.to_bytes(2, "big"):
+            key = ((key ^ byte) * abi.HELLO_KEY_FNV_PRIME) & 0xFFFF_FFFF_FFFF_FFFF
+    return key or 1
 
 
 def parse_client_hello(handshake: bytes | bytearray | memoryview) -> ClientHello:

@@ -24,6 +24,7 @@ _DROPPED = {
     "drop_block": "block",
     "drop_block_cidr": "block_cidr",
     "drop_block_flow": "block_flow",
+    "drop_block_hello": "block_hello",
     "drop_tarpit": "tarpit",
 }
 _THROTTLED = {"drop_throttle_conn": "connections", "drop_throttle_pkt": "packets"}
