@@ -76,6 +76,20 @@ def _client_hello(total: int = 517) -> bytes:
     )
 
 
+def _openssl_like_hello(total: int = 517) -> bytes:
+    """A ClientHello record laid out as OpenSSL's: a 32-byte session id and 31
+    cipher suites, then a padding extension up to `total`. botwall_hello walks
+    the suites (bpf/common.h, hello keys)."""
+    suites = b"".join((0xC000 + i).to_bytes(2, "big") for i in range(31))
+    head = b"\x03\x03" + bytes(32) + b"\x20" + bytes(32) + len(suites).to_bytes(2, "big")
+    head += suites + b"\x01\x00"
+    pad = total - 9 - len(head) - 2 - 4  # record 5 + handshake 4, extensions' length, ext header
+    body = head + (pad + 4).to_bytes(2, "big") + b"\x00\x15" + pad.to_bytes(2, "big") + bytes(pad)
+    return b"\x16\x03\x01" + (len(body) + 4).to_bytes(2, "big") + b"\x01" + len(body).to_bytes(
+        3, "big"
+    ) + body
+
+
 APP_DATA = b"\x17\x03\x03\x00\x5f" + bytes(95)  # 100 bytes of TLS application data
 SYN = _frame(
     "S",
@@ -140,6 +154,11 @@ def _block_cidr(sensor: Sensor, verdicts: VerdictMaps) -> None:
     verdicts.block(f"{CLIENT}/24", VERDICT_TTL_S, "bench")
 
 
+def _hello_keys_blocked(sensor: Sensor, verdicts: VerdictMaps) -> None:
+    # A JA4 verdict in force, on another stack: every new hello pays the key walk.
+    verdicts.block_hello(1, VERDICT_TTL_S, "bench")
+
+
 def _throttle(sensor: Sensor, verdicts: VerdictMaps) -> None:
     # One packet per second, no burst: every repetition after the first is dropped.
     verdicts.throttle(CLIENT, VERDICT_TTL_S, "bench", packets_per_s=1, packet_burst=1)
@@ -189,6 +208,15 @@ CASES = (
         "517-byte ClientHello with FIN set, so each repetition opens a "
         "flow, captures the hello (a hello event) and ends the flow (a flow_end event)",
         _frame("FPA", _client_hello()),
+        writes_events=True,
+    ),
+    Case(
+        "client_hello_key_walk",
+        "OpenSSL-shaped 517-byte ClientHello (31 suites) with FIN set, while a JA4 "
+        "verdict holds another stack's key: client_hello plus the tail call to "
+        "botwall_hello and its walk over the cipher suites; the hello passes",
+        _frame("FPA", _openssl_like_hello()),
+        _hello_keys_blocked,
         writes_events=True,
     ),
     Case(

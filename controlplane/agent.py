@@ -271,6 +271,7 @@ class ControlPlane:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             engine = stats_dict(self.engine)
+            hello_keys = self.enforcer.kernel_hello_keys()
         kernel = dict(self._counters()) if self._counters is not None else {}
         return {
             "uptime_s": time.time() - self.started_at,
@@ -283,6 +284,8 @@ class ControlPlane:
             },
             "store_errors": self.store_errors,
             "live_decisions": len(self.store.live_decisions()),
+            # JA4 verdicts the kernel enforces at the hello: key -> JA4
+            "hello_keys": {f"{k:016x}": ja4 for k, ja4 in hello_keys.items()},
         }
 
     def latency_samples(self) -> list[float]:
@@ -321,13 +324,15 @@ class ControlPlane:
         key = ("addr", canonical)
         with self.lock:
             risk = self.engine.risks.get(key)
+            fingerprints = self.engine.fingerprints(canonical)
             seen = self.engine.features.last_seen(key)
             features = _finite(self.engine.features.features(key, seen)) if seen is not None else {}
         decisions = [r.as_dict() for r in self.store.list_decisions(target=canonical)]
-        if risk is None and seen is None and not decisions:
+        if risk is None and seen is None and not decisions and fingerprints is None:
             return None
         return {
             "addr": canonical,
+            "fingerprints": fingerprints or {"ja4": None, "tcp": None, "user_agent": None},
             "risk": None if risk is None else self._risk_dict(risk),
             "last_seen": seen,
             "features": features,

@@ -2,9 +2,22 @@
 
 Address, CIDR and flow decisions go straight to sensor.verdicts. A JA4
 decision cannot be a kernel map entry (the kernel never computes a JA4), so it
-is held here and applied as a flow block to every new connection whose
-ClientHello matches, as soon as the hello is seen: for a client that waits for
-the server's reply, that is before its handshake completes.
+reaches the kernel two ways:
+
+- as hello keys (bpf/common.h: a hash of the cipher list, which the kernel
+  can compute): every key seen with the JA4, and with no other JA4, is
+  written to block_hello, and the kernel drops the next hello with that key
+  before it is answered. A key seen with two JA4s (two client stacks that
+  share a cipher list) is never written: the kernel cannot tell them apart.
+- as a flow block on every new connection whose ClientHello matches, written
+  here once the hello is seen. That covers what keys cannot (scoped JA4
+  verdicts, shared keys, hellos the kernel could not read), but lands after
+  the server answered: a fast client may get a request in first.
+
+A client the policy spares from JA4 verdicts (a declared agent or verified
+crawler on a blocked bot's stack) gets a hello exemption in the kernel from
+its first request on; if the kernel dropped one of its hellos before that,
+the flow is unblocked and the client's retransmission passes.
 
 Without VerdictMaps (a replay, a dry run) decisions are only recorded.
 """
@@ -13,16 +26,26 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controlplane.decisions import Action, Decision, TargetKind
 from controlplane.observations import Connection, ConnectionStage
+from sensor import abi
+from sensor.abi import VerdictKind
 from sensor.events import Flow
 from sensor.verdicts import VerdictMaps
 
-# A flow block only has to outlive one connection.
-JA4_FLOW_BLOCK_TTL_S = 120.0
+# A flow block only has to outlive one connection: the kernel's own, for the
+# hellos it drops, last as long.
+JA4_FLOW_BLOCK_TTL_S = abi.HELLO_FLOW_BLOCK_NS / 1e9
+# Distinct hello keys remembered with their JA4 (client stacks, not clients).
+HELLO_KEYS_KEPT = 65_536
+# How long a spared client's hello exemption lasts; its requests renew it.
+HELLO_EXEMPT_TTL_S = 3600.0
+# A key seen with two different JA4s.
+_SHARED = None
 
 
 @dataclass
@@ -60,6 +83,14 @@ class Enforcer:
         # policy scopes a JA4 to an address or prefix ("<ja4>@<addr or cidr>")
         # when one address hides many clients, so only that source's flows go.
         self._ja4_blocks: dict[str, dict[Scope, tuple[float, Decision]]] = {}
+        # hello key -> the one JA4 seen with it, or _SHARED; least recent first
+        self._key_ja4: OrderedDict[int, str | None] = OrderedDict()
+        # hello key -> expiry of its block_hello entry (this clock)
+        self._kernel_keys: dict[int, float] = {}
+        # address -> expiry of its hello exemption (this clock)
+        self._exempt: dict[IPAddress, float] = {}
+        if verdicts is not None:
+            self._adopt_kernel_keys(verdicts)
         self.applied: list[Decision] = []  # bounded by the caller's log rotation
         self.fingerprint_latency = LatencyLog()
         self.behaviour_latency = LatencyLog()
@@ -77,32 +108,37 @@ class Enforcer:
             ja4, scope = parse_ja4_target(decision.target)
             expiry = self._clock_s() + decision.ttl_s
             self._ja4_blocks.setdefault(ja4, {})[scope] = (expiry, decision)
+            if scope is None:
+                for key, seen in list(self._key_ja4.items()):
+                    if seen == ja4:
+                        self._block_key(key, ja4, expiry, decision)
             return
         if self._verdicts is not None:
             _write(self._verdicts, decision)
             if event_ts is not None:
                 self.behaviour_latency.add(self._clock_s() - event_ts)
 
-    def on_connection(self, conn: Connection) -> Decision | None:
-        """A new ClientHello: block its flow at once if its JA4 is on the list."""
+    def on_connection(self, conn: Connection, spared: bool = False) -> Decision | None:
+        """A new ClientHello: block its flow at once if its JA4 is on the list.
+        spared: the policy spares this client from JA4 verdicts."""
         ja4 = conn.fingerprint.ja4
         if conn.stage is not ConnectionStage.HELLO or ja4 is None or conn.server is None:
             return None
-        scopes = self._ja4_blocks.get(ja4)
-        if not scopes:
-            return None
+        flow = Flow(conn.client, conn.client_port, conn.server, conn.server_port)
+        key = conn.hello_key
+        if key is not None:
+            self._learn_key(key, ja4)
         now = self._clock_s()
-        source: Decision | None = None
-        for scope, (expiry, decision) in list(scopes.items()):
-            if now >= expiry:
-                del scopes[scope]
-            elif scope is None or conn.client in scope:
-                source = decision
-        if not scopes:
-            del self._ja4_blocks[ja4]
+        if spared:
+            self.exempt(conn.client)
+            if self._key_blocked(key, now):  # the kernel may have dropped this hello
+                self._unblock_flow(flow)
+            return None
+        source, unscoped = self._live_decision(ja4, conn.client, now)
+        if key is not None:
+            self._correct_key(key, ja4, flow, source, unscoped, now)
         if source is None:
             return None
-        flow = Flow(conn.client, conn.client_port, conn.server, conn.server_port)
         decision = Decision(
             action=Action.BLOCK_FLOW,
             target_kind=TargetKind.FLOW,
@@ -119,6 +155,110 @@ class Enforcer:
         self.applied.append(decision)
         return decision
 
+    def exempt(self, client: IPAddress) -> None:
+        """Lets a spared client's hellos pass blocked keys (renewed at half life)."""
+        if self._verdicts is None:
+            return
+        now = self._clock_s()
+        if self._exempt.get(client, -1.0) - now > HELLO_EXEMPT_TTL_S / 2:
+            return
+        self._verdicts.exempt_hello(
+            client, HELLO_EXEMPT_TTL_S, "spared from JA4 verdicts by policy"
+        )
+        self._exempt[client] = now + HELLO_EXEMPT_TTL_S
+        for addr, expiry in list(self._exempt.items()):
+            if expiry <= now:
+                del self._exempt[addr]
+
+    def kernel_hello_keys(self) -> dict[int, str | None]:
+        """Live block_hello keys and the JA4 each stands for (None: shared or unknown)."""
+        now = self._clock_s()
+        return {k: self._key_ja4.get(k) for k, exp in self._kernel_keys.items() if exp > now}
+
+    # ---- hello keys ----
+
+    def _live_decision(
+        self, ja4: str, client: IPAddress, now: float
+    ) -> tuple[Decision | None, tuple[float, Decision] | None]:
+        """The live JA4 decision that covers this client, and the unscoped one
+        (expiry, decision) if there is one. Drops expired scopes on the way."""
+        scopes = self._ja4_blocks.get(ja4)
+        if not scopes:
+            return None, None
+        source: Decision | None = None
+        unscoped: tuple[float, Decision] | None = None
+        for scope, (expiry, decision) in list(scopes.items()):
+            if now >= expiry:
+                del scopes[scope]
+            elif scope is None or client in scope:
+                source = decision
+                if scope is None:
+                    unscoped = (expiry, decision)
+        if not scopes:
+            del self._ja4_blocks[ja4]
+        return source, unscoped
+
+    def _correct_key(
+        self,
+        key: int,
+        ja4: str,
+        flow: Flow,
+        source: Decision | None,
+        unscoped: tuple[float, Decision] | None,
+        now: float,
+    ) -> None:
+        """Brings the kernel's copy of this hello's key in line with what its
+        JA4 and the other JA4s seen with the key say."""
+        blocked = self._key_blocked(key, now)
+        if blocked and (source is None or self._key_ja4.get(key) is _SHARED):
+            # The kernel dropped a hello it should not have (its key is shared,
+            # or was written before a restart for a JA4 no longer blocked):
+            # take the key back and let the client's retransmission pass.
+            self._unblock_key(key)
+            self._unblock_flow(flow)
+        elif not blocked and unscoped is not None and self._key_ja4.get(key) == ja4:
+            self._block_key(key, ja4, unscoped[0], unscoped[1])
+
+    def _learn_key(self, key: int, ja4: str) -> None:
+        if key not in self._key_ja4:
+            self._key_ja4[key] = ja4
+            if len(self._key_ja4) > HELLO_KEYS_KEPT:
+                self._key_ja4.popitem(last=False)
+            return
+        self._key_ja4.move_to_end(key)
+        if self._key_ja4[key] not in (ja4, _SHARED):
+            self._key_ja4[key] = _SHARED
+
+    def _key_blocked(self, key: int | None, now: float) -> bool:
+        return key is not None and self._kernel_keys.get(key, -1.0) > now
+
+    def _block_key(self, key: int, ja4: str, expiry: float, decision: Decision) -> None:
+        if self._verdicts is None:
+            return
+        ttl = expiry - self._clock_s()
+        if ttl <= 0:
+            return
+        self._verdicts.block_hello(key, ttl, f"JA4 {ja4}: {decision.reason}")
+        self._kernel_keys[key] = expiry
+
+    def _unblock_key(self, key: int) -> None:
+        self._kernel_keys.pop(key, None)
+        if self._verdicts is not None:
+            self._verdicts.unblock_hello(key)
+
+    def _unblock_flow(self, flow: Flow) -> None:
+        if self._verdicts is not None:
+            self._verdicts.unblock_flow(flow)
+
+    def _adopt_kernel_keys(self, verdicts: VerdictMaps) -> None:
+        """Keys a previous agent left pinned: kept (the kernel enforces them
+        meanwhile) until a hello shows one no longer stands for a blocked JA4."""
+        now = self._clock_s()
+        for entry in verdicts.list():
+            if entry.kind is VerdictKind.BLOCK_HELLO and not entry.expired:
+                key = int(entry.target.removeprefix("hello:"), 16)
+                self._kernel_keys[key] = now + entry.expires_in_s
+
     def blocked_ja4s(self) -> dict[str, Decision]:
         """Live JA4 verdicts by their target text."""
         now = self._clock_s()
@@ -130,7 +270,20 @@ class Enforcer:
         }
 
     def revoke(self, target: str) -> None:
-        """Undoes every verdict on a target at once (feedback: a false positive)."""
+        """Undoes every verdict on a target at once (feedback: a false positive):
+        a JA4 (with its hello keys), a flow, an address or a CIDR."""
+        if self._verdicts is not None and "->" in target:
+            self._verdicts.unblock_flow(_parse_flow(target))
+            return
+        try:
+            ipaddress.ip_network(target, strict=False)
+        except ValueError:
+            self._revoke_ja4(target)
+            return
+        if self._verdicts is not None:
+            self._verdicts.unblock(target)
+
+    def _revoke_ja4(self, target: str) -> None:
         ja4, scope = parse_ja4_target(target)
         scopes = self._ja4_blocks.get(ja4)
         if scopes is not None:
@@ -139,15 +292,13 @@ class Enforcer:
                 scopes.clear()
             if not scopes:
                 del self._ja4_blocks[ja4]
-        if self._verdicts is None:
-            return
-        if "->" in target:
-            self._verdicts.unblock_flow(_parse_flow(target))
-        else:
-            self._verdicts.unblock(target)
+        if None not in self._ja4_blocks.get(ja4, {}):
+            for key in [k for k in self._kernel_keys if self._key_ja4.get(k) == ja4]:
+                self._unblock_key(key)
 
 
 Scope = ipaddress.IPv4Network | ipaddress.IPv6Network | None
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def parse_ja4_target(target: str) -> tuple[str, Scope]:

@@ -112,6 +112,7 @@ class _Profile:
     last_scored: float = -math.inf
     last_score: float = 100.0  # unscored: as urgent as the riskiest
     requests_since_scored: int = 0
+    spared: bool = False  # by policy from JA4 verdicts, as of its latest User-Agent
 
 
 @dataclass
@@ -262,10 +263,9 @@ class Engine:
         if fp.tcp_signature:
             profile.tcp = fp.tcp_signature
         if isinstance(obs, Connection):
-            if obs.stage is ConnectionStage.HELLO and not self.policy.spared_from_ja4_verdicts(
-                addr, profile.user_agent
-            ):
-                made = self.enforcer.on_connection(obs)
+            if obs.stage is ConnectionStage.HELLO:
+                spared = self.policy.spared_from_ja4_verdicts(addr, profile.user_agent)
+                made = self.enforcer.on_connection(obs, spared=spared)
                 if made is not None:
                     decisions.append(made)
                     self.stats.decisions += 1
@@ -279,6 +279,10 @@ class Engine:
             if obs.stage is ConnectionStage.SYN:
                 return  # a SYN alone says little; its client is scored on more
         if isinstance(obs, Request):
+            if obs.user_agent and obs.user_agent != profile.user_agent:
+                profile.spared = self.policy.spared_from_ja4_verdicts(addr, obs.user_agent)
+            if profile.spared:  # before its next hello meets a blocked key in the kernel
+                self.enforcer.exempt(obs.client)
             profile.user_agent = obs.user_agent or profile.user_agent
             profile.endpoint_class = obs.endpoint_class
             profile.classes[obs.endpoint_class] = profile.classes.get(obs.endpoint_class, 0) + 1
@@ -302,6 +306,13 @@ class Engine:
             self._learning.sessions.append(list(profile.steps))
         profile.steps = []
         profile.paths = []
+
+    def fingerprints(self, addr: str) -> dict[str, str | None] | None:
+        """The latest JA4, TCP signature and User-Agent seen from an address."""
+        profile = self._profiles.get(addr)
+        if profile is None:
+            return None
+        return {"ja4": profile.ja4, "tcp": profile.tcp, "user_agent": profile.user_agent}
 
     def _profile(self, addr: str) -> _Profile:
         profile = self._profiles.get(addr)

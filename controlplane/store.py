@@ -1353,6 +1353,9 @@ class ReconcileReport:
 
 
 KernelKey = tuple[VerdictKind, str]
+# Kernel entries no decision names: hello keys and exemptions stand for JA4
+# decisions and the policy's spared clients (controlplane/enforce.py).
+ENFORCER_KINDS = (VerdictKind.BLOCK_HELLO, VerdictKind.HELLO_EXEMPT)
 
 
 def kernel_key(decision: Decision) -> KernelKey | None:
@@ -1403,6 +1406,8 @@ def reconcile(store: Store, verdicts: VerdictMaps, now: float | None = None) -> 
     for entry in verdicts.list():
         if (entry.kind, entry.target) in wanted:
             continue
+        if entry.kind in ENFORCER_KINDS:
+            continue  # the Enforcer adopts and corrects these itself
         _remove(verdicts, entry.kind, entry.target)
         report.removed += 1
 

@@ -25,8 +25,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 NS_PER_S = 1_000_000_000
 
-# A map key: an address (a union), a CIDR or a 5-tuple (structures).
-_CKey = ctypes.Structure | ctypes.Union
+# A map key: an address (a union), a CIDR or a 5-tuple (structures), a hello key.
+_CKey = ctypes.Structure | ctypes.Union | ctypes.c_uint64
 
 
 def monotonic_ns() -> int:

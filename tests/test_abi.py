@@ -261,7 +261,8 @@ def test_versions_and_sizes_match_the_c() -> None:
     ):
         assert int(defines[name], 0) == getattr(abi, name), name
     assert defines["HELLO_KEY_MAX_CIPHERS"] == str(abi.HELLO_KEY_MAX_CIPHERS)
-    for name in ("GAP_CAP_US", "HELLO_KEY_FNV_OFFSET", "HELLO_KEY_FNV_PRIME", "HELLO_FLOW_BLOCK_NS"):
+    ull = ("GAP_CAP_US", "HELLO_KEY_FNV_OFFSET", "HELLO_KEY_FNV_PRIME", "HELLO_FLOW_BLOCK_NS")
+    for name in ull:
         assert int(defines[name].removesuffix("ULL"), 0) == getattr(abi, name), name
     assert defines["PAYLOAD_MAX_BYTES"] == "HELLO_MAX_BYTES"
 

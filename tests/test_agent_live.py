@@ -3,8 +3,10 @@
 The agent is started as a subprocess attached (native XDP) to the server side
 of a namespace topology, with its state dir in tmp_path and its API on a free
 loopback port. A manual block made over HTTP must stop the client's TCP
-connects; revoking it must let them through; SIGTERM must stop the agent
-cleanly (exit 0, XDP detached) with the decision and its audit rows on disk.
+connects; revoking it must let them through; a JA4 block must stop the
+client's next TLS handshake in the kernel, and its revocation let it through;
+SIGTERM must stop the agent cleanly (exit 0, XDP detached) with the decision
+and its audit rows on disk.
 """
 
 from __future__ import annotations
@@ -53,6 +55,23 @@ def _wait_healthy(agent: subprocess.Popen[str], base: str) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError("agent never answered /healthz")
+
+
+def _curl(topo: Topology) -> clients.ClientResult:
+    return clients.curl(
+        topo, topo.server_v4, TLS_PORT, insecure=True, connect_timeout=3.0, max_time=4.0
+    )
+
+
+def _client_ja4(api: httpx.Client, addr: str, timeout_s: float = 10.0) -> str:
+    """The JA4 the agent saw from addr, once its hello has been processed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = api.get(f"/v1/clients/{addr}")
+        if r.status_code == 200 and (ja4 := r.json()["fingerprints"]["ja4"]):
+            return str(ja4)
+        time.sleep(0.2)
+    raise AssertionError(f"the agent never reported a JA4 for {addr}")
 
 
 def test_block_and_unblock_through_the_api(tmp_path: Path) -> None:
@@ -131,6 +150,23 @@ def test_block_and_unblock_through_the_api(tmp_path: Path) -> None:
                 status = json.loads(cli("status", "--json").stdout)
                 assert status["kernel"]["drop_block"] >= 2
                 assert "[[rules]]" in cli("policy", "show").stdout  # the default policy's text
+
+                # A JA4 verdict reaches the kernel as the stack's hello key: the
+                # stack's next hello is dropped before the server answers it.
+                assert _curl(topo).ok
+                ja4 = _client_ja4(api, topo.client_v4)
+                made = api.post(
+                    "/v1/decisions",
+                    json={"action": "block", "target": ja4, "ttl_s": 120, "reason": "test: JA4"},
+                )
+                assert made.status_code == 201, made.text
+                assert _curl(topo).outcome == "timeout"
+                stats = api.get("/v1/stats").json()
+                assert stats["kernel"]["drop_block_hello"] >= 1
+                assert list(stats["hello_keys"].values()) == [ja4]
+                assert api.delete(f"/v1/decisions/{made.json()['id']}").status_code == 200
+                assert api.get("/v1/stats").json()["hello_keys"] == {}
+                assert _curl(topo).ok
 
             agent.send_signal(signal.SIGTERM)
             _, err = agent.communicate(timeout=30)

@@ -10,7 +10,9 @@ import pytest
 from controlplane.decisions import Action, Decision, TargetKind
 from controlplane.enforce import Enforcer, parse_ja4_target
 from controlplane.observations import ClientFingerprint, Connection, ConnectionStage
+from sensor.abi import VerdictKind
 from sensor.events import Flow
+from sensor.verdicts import VerdictEntry
 
 JA4 = "t13d3112h1_e8f1e7e78f70_d41ae481755e"
 SERVER = ipaddress.ip_address("10.201.0.1")
@@ -21,6 +23,10 @@ class RecordingMaps:
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.pinned: list[Any] = []  # what list() returns: entries a previous agent left
+
+    def list(self) -> list[Any]:
+        return self.pinned
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
@@ -39,8 +45,9 @@ def decision(action: Action, kind: TargetKind, target: str, **extra: Any) -> Dec
                     reason="test reason", rule="test", score=95.0, **extra)  # fmt: skip
 
 
-def hello(client: str, port: int, ja4: str | None = JA4) -> Connection:
+def hello(client: str, port: int, ja4: str | None = JA4, key: int | None = None) -> Connection:
     return Connection(
+        hello_key=key,
         ts=999.9995,
         client=ipaddress.ip_address(client),
         client_port=port,
@@ -133,3 +140,110 @@ def test_revoke_undoes_ja4_and_address(setup: tuple[Enforcer, RecordingMaps, Clo
 def test_parse_ja4_target() -> None:
     assert parse_ja4_target(JA4) == (JA4, None)
     assert parse_ja4_target(f"{JA4}@fd00:b0::/64") == (JA4, ipaddress.ip_network("fd00:b0::/64"))
+
+
+# ---- hello keys: the kernel's copy of a JA4 verdict ----
+
+KEY, OTHER_JA4 = 0xC0FFEE, "t13d1516h2_8daaf6152771_e5627efa2ab1"
+
+
+def _flow(client: str, port: int) -> Flow:
+    return Flow(ipaddress.ip_address(client), port, SERVER, 443)
+
+
+def _calls(maps: RecordingMaps, *names: str) -> list[tuple[Any, ...]]:
+    return [c for c in maps.calls if c[0] in names]
+
+
+def test_keys_seen_with_a_blocked_ja4_reach_the_kernel(
+    setup: tuple[Enforcer, RecordingMaps, Clock],
+) -> None:
+    enforcer, maps, clock = setup
+    assert enforcer.on_connection(hello("10.201.1.7", 40001, key=KEY)) is None
+    enforcer.apply(decision(Action.BLOCK_FLOW, TargetKind.JA4, JA4))
+    assert _calls(maps, "block_hello") == [
+        ("block_hello", (KEY, 60.0, f"JA4 {JA4}: test reason"), {})
+    ]
+    assert enforcer.kernel_hello_keys() == {KEY: JA4}
+    # A key first seen after the verdict goes in at its first hello.
+    enforcer.on_connection(hello("10.201.1.8", 40002, key=KEY + 1))
+    assert _calls(maps, "block_hello")[-1][1][:2] == (KEY + 1, 60.0)
+    # Keys end with the verdict.
+    clock.now += 61
+    assert enforcer.kernel_hello_keys() == {}
+
+
+def test_scoped_verdicts_write_no_key(setup: tuple[Enforcer, RecordingMaps, Clock]) -> None:
+    enforcer, maps, _ = setup
+    enforcer.apply(decision(Action.BLOCK_FLOW, TargetKind.JA4, f"{JA4}@10.201.1.0/24"))
+    assert enforcer.on_connection(hello("10.201.1.7", 40001, key=KEY)) is not None
+    assert _calls(maps, "block_hello") == []
+
+
+def test_a_key_shared_by_two_stacks_leaves_the_kernel(
+    setup: tuple[Enforcer, RecordingMaps, Clock],
+) -> None:
+    enforcer, maps, _ = setup
+    enforcer.apply(decision(Action.BLOCK_FLOW, TargetKind.JA4, JA4))
+    enforcer.on_connection(hello("10.201.1.7", 40001, key=KEY))
+    assert enforcer.kernel_hello_keys() == {KEY: JA4}
+    maps.calls.clear()
+    # Another stack with the same cipher list: the kernel dropped its hello.
+    assert enforcer.on_connection(hello("10.201.2.9", 40009, ja4=OTHER_JA4, key=KEY)) is None
+    assert maps.calls == [
+        ("unblock_hello", (KEY,), {}),
+        ("unblock_flow", (_flow("10.201.2.9", 40009),), {}),
+    ]
+    assert enforcer.kernel_hello_keys() == {}
+    # The blocked stack is still blocked, flow by flow, and the key stays out.
+    maps.calls.clear()
+    assert enforcer.on_connection(hello("10.201.1.7", 40003, key=KEY)) is not None
+    assert [c[0] for c in maps.calls] == ["block_flow"]
+
+
+def test_spared_clients_are_exempt_and_let_through(
+    setup: tuple[Enforcer, RecordingMaps, Clock],
+) -> None:
+    enforcer, maps, clock = setup
+    enforcer.apply(decision(Action.BLOCK_FLOW, TargetKind.JA4, JA4))
+    enforcer.on_connection(hello("10.201.1.7", 40001, key=KEY))
+    maps.calls.clear()
+    agent = ipaddress.ip_address("10.201.3.3")
+    assert enforcer.on_connection(hello("10.201.3.3", 40005, key=KEY), spared=True) is None
+    assert maps.calls == [
+        ("exempt_hello", (agent, 3600.0, "spared from JA4 verdicts by policy"), {}),
+        ("unblock_flow", (_flow("10.201.3.3", 40005),), {}),
+    ]
+    assert enforcer.kernel_hello_keys() == {KEY: JA4}  # the bots' key stays
+    # Renewed at half life, not on every request.
+    maps.calls.clear()
+    enforcer.exempt(agent)
+    clock.now += 1801
+    enforcer.exempt(agent)
+    assert [c[0] for c in maps.calls] == ["exempt_hello"]
+
+
+def test_keys_left_pinned_are_adopted_then_corrected() -> None:
+    maps, clock = RecordingMaps(), Clock()
+    maps.pinned = [VerdictEntry(VerdictKind.BLOCK_HELLO, f"hello:{KEY:016x}", "old", 30.0, {})]
+    enforcer = Enforcer(maps, clock_s=clock)  # type: ignore[arg-type]
+    assert enforcer.kernel_hello_keys() == {KEY: None}
+    # After the restart the JA4 is no longer blocked: the first hello with the
+    # key takes it back and unblocks the flow the kernel dropped.
+    assert enforcer.on_connection(hello("10.201.1.7", 40001, key=KEY)) is None
+    assert maps.calls == [
+        ("unblock_hello", (KEY,), {}),
+        ("unblock_flow", (_flow("10.201.1.7", 40001),), {}),
+    ]
+
+
+def test_revoking_the_ja4_takes_its_keys_back(
+    setup: tuple[Enforcer, RecordingMaps, Clock],
+) -> None:
+    enforcer, maps, _ = setup
+    enforcer.apply(decision(Action.BLOCK_FLOW, TargetKind.JA4, JA4))
+    enforcer.on_connection(hello("10.201.1.7", 40001, key=KEY))
+    enforcer.revoke(JA4)
+    # The keys go, and nothing else: a JA4 is no address.
+    assert [c[0] for c in maps.calls[-1:]] == ["unblock_hello"]
+    assert enforcer.kernel_hello_keys() == {}

@@ -974,6 +974,11 @@ def test_reconcile_against_the_real_maps(tmp_path: Path) -> None:
         verdicts.block("192.0.2.80", 500, "expired while we were down")
         verdicts.block("192.0.2.30", 500, "stale block beside the live throttle")
         verdicts.allow("10.9.0.0/16", 500, "old allow")
+        # Hello keys and exemptions stand for JA4 verdicts: the Enforcer keeps them.
+        verdicts.block_hello(0xC0FFEE, 500, "JA4 t13d_x: blocked")
+        verdicts.exempt_hello("192.0.2.200", 500, "spared")
+        enforcer_owned = {(VerdictKind.BLOCK_HELLO, "hello:0000000000c0ffee"),
+                          (VerdictKind.HELLO_EXEMPT, "192.0.2.200")}  # fmt: skip
 
         clock.now = time.time()
         report = reconcile(store, verdicts)
@@ -988,7 +993,7 @@ def test_reconcile_against_the_real_maps(tmp_path: Path) -> None:
             if (key := kernel_key(live[ids[name]].decision)) is not None
         }
         assert len(expected) == 6
-        assert set(listed) == set(expected)
+        assert set(listed) == set(expected) | enforcer_owned
         for key, remaining in expected.items():
             assert listed[key].expires_in_s == pytest.approx(remaining, abs=1.0), key
         assert listed[(VerdictKind.THROTTLE, "192.0.2.30")].detail == {
