@@ -131,15 +131,25 @@ struct tarpit_entry {
  *
  * The kernel cannot compute a JA4 (it sorts lists and hashes with SHA-256), so
  * a JA4 verdict reaches it as the keys of the ClientHellos user space saw with
- * that JA4: FNV-1a 64 over the cipher-suite list as sent (two bytes each, big
- * endian), GREASE values (RFC 8701: 0x?a?a with both bytes equal) left out, at
- * most HELLO_KEY_MAX_CIPHERS suites. The cipher list is the part of a hello
- * that always sits in its first segment and that one client stack sends the
- * same on every connection. Key 0 means "no key": the hello was not readable.
+ * that JA4. A key is FNV-1a 64 over the cipher-suite list as sent (two bytes
+ * each, big endian; at most HELLO_KEY_MAX_CIPHERS suites), GREASE values (RFC
+ * 8701: 0x?a?a, both bytes equal) left out. If the whole hello, record header
+ * included, is at most HELLO_KEY_EXT_BUDGET bytes, its extension types go in
+ * too, as a set: their sum of (type + 1) * HELLO_KEY_EXT_MIX (mod 2^64), GREASE
+ * left out, at most HELLO_KEY_MAX_EXTENSIONS extensions, is folded in as one
+ * more FNV-1a round over its 8 bytes, least significant first. The cipher
+ * list alone is OpenSSL's default in curl, wrk, hydra and Python alike; the
+ * extensions tell those apart. A set, because Chrome shuffles its extension
+ * order on every connection; a budget, because a larger hello (Chrome's, with
+ * its post-quantum key share) can span two segments and the kernel reads one.
+ * Key 0 means "no key": the segment held no readable hello.
  * sensor/fingerprint/tls.py computes the same key from a parsed hello. */
 #define HELLO_KEY_MAX_CIPHERS 128
+#define HELLO_KEY_MAX_EXTENSIONS 32
+#define HELLO_KEY_EXT_BUDGET 1024
 #define HELLO_KEY_FNV_OFFSET 0xcbf29ce484222325ULL
 #define HELLO_KEY_FNV_PRIME 0x100000001b3ULL
+#define HELLO_KEY_EXT_MIX 0x9e3779b97f4a7c15ULL
 /* A connection whose hello the kernel dropped stays blocked this long (the
  * client's retransmissions and later segments), or until the key's verdict
  * ends if that is sooner. */

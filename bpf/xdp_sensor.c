@@ -530,17 +530,21 @@ static __always_inline int is_grease(__u8 hi, __u8 lo)
 	return hi == lo && (lo & 0x0f) == 0x0a;
 }
 
-/* The hello's key, or 0 if the segment does not hold a readable cipher list. */
+/* The hello's key (see common.h), or 0 if the segment holds no readable hello. */
 static __always_inline __u64 hello_key(struct xdp_md *ctx, __u32 offset)
 {
-	__u64 hash = HELLO_KEY_FNV_OFFSET;
-	__u8 head[2], suite[2], session_id_len;
-	__u32 suites, i;
+	__u64 hash = HELLO_KEY_FNV_OFFSET, ext_sum = 0;
+	__u8 head[4], session_id_len;
+	__u32 suites, hello_bytes, end, i;
 
-	/* Record header (5), handshake header (4), version (2), random (32),
-	 * then the session id's length. */
+	/* Record header (5), handshake header (4) with the hello's length. */
 	if (bpf_xdp_load_bytes(ctx, offset, head, 1) < 0 || head[0] != 0x16)
 		return 0;
+	if (bpf_xdp_load_bytes(ctx, offset + 6, head, 3) < 0)
+		return 0;
+	hello_bytes = 9 + ((__u32)head[0] << 16 | (__u32)head[1] << 8 | head[2]);
+	end = offset + hello_bytes;
+	/* Version (2), random (32), then the session id. */
 	if (bpf_xdp_load_bytes(ctx, offset + 43, &session_id_len, 1) < 0 || session_id_len > 32)
 		return 0;
 	offset += 44 + session_id_len;
@@ -549,13 +553,30 @@ static __always_inline __u64 hello_key(struct xdp_md *ctx, __u32 offset)
 	suites = ((__u32)head[0] << 8 | head[1]) / 2;
 	offset += 2;
 	for (i = 0; i < HELLO_KEY_MAX_CIPHERS && i < suites; i++) {
-		if (bpf_xdp_load_bytes(ctx, offset + 2 * i, suite, 2) < 0)
+		if (bpf_xdp_load_bytes(ctx, offset + 2 * i, head, 2) < 0)
 			return 0;
-		if (is_grease(suite[0], suite[1]))
+		if (is_grease(head[0], head[1]))
 			continue;
-		hash = (hash ^ suite[0]) * HELLO_KEY_FNV_PRIME;
-		hash = (hash ^ suite[1]) * HELLO_KEY_FNV_PRIME;
+		hash = (hash ^ head[0]) * HELLO_KEY_FNV_PRIME;
+		hash = (hash ^ head[1]) * HELLO_KEY_FNV_PRIME;
 	}
+	if (hello_bytes > HELLO_KEY_EXT_BUDGET)
+		goto done;
+	offset += 2 * suites;
+	/* Compression methods, then the extensions block's length. */
+	if (bpf_xdp_load_bytes(ctx, offset, head, 1) < 0)
+		return 0;
+	offset += 1 + head[0] + 2;
+	for (i = 0; i < HELLO_KEY_MAX_EXTENSIONS && offset + 4 <= end; i++) {
+		if (bpf_xdp_load_bytes(ctx, offset, head, 4) < 0)
+			return 0;
+		if (!is_grease(head[0], head[1]))
+			ext_sum += (((__u64)head[0] << 8 | head[1]) + 1) * HELLO_KEY_EXT_MIX;
+		offset += 4 + ((__u32)head[2] << 8 | head[3]);
+	}
+	for (i = 0; i < 8; i++)
+		hash = (hash ^ ((ext_sum >> (8 * i)) & 0xff)) * HELLO_KEY_FNV_PRIME;
+done:
 	return hash ? hash : 1;
 }
 

@@ -256,7 +256,7 @@ class Observer:
         info.fingerprint = replace(info.fingerprint, ja4=ja4(hello), sni=hello.sni)
         self.stats["hellos"] += 1
         conn = self._connection(ev.ts_ns, ev.flow, ConnectionStage.HELLO, info)
-        return [replace(conn, hello_key=hello_key(hello))]
+        return [replace(conn, hello_key=hello_key(hello, len(complete.handshake)))]
 
     def _on_request_head(self, ev: HttpRequestHead) -> None:
         try:

@@ -260,8 +260,10 @@ def test_versions_and_sizes_match_the_c() -> None:
         "HTTP_HEAD_MAX_BYTES",
     ):
         assert int(defines[name], 0) == getattr(abi, name), name
-    assert defines["HELLO_KEY_MAX_CIPHERS"] == str(abi.HELLO_KEY_MAX_CIPHERS)
-    ull = ("GAP_CAP_US", "HELLO_KEY_FNV_OFFSET", "HELLO_KEY_FNV_PRIME", "HELLO_FLOW_BLOCK_NS")
+    for name in ("HELLO_KEY_MAX_CIPHERS", "HELLO_KEY_MAX_EXTENSIONS", "HELLO_KEY_EXT_BUDGET"):
+        assert int(defines[name]) == getattr(abi, name), name
+    ull = ("GAP_CAP_US", "HELLO_KEY_FNV_OFFSET", "HELLO_KEY_FNV_PRIME", "HELLO_KEY_EXT_MIX",
+           "HELLO_FLOW_BLOCK_NS")  # fmt: skip
     for name in ull:
         assert int(defines[name].removesuffix("ULL"), 0) == getattr(abi, name), name
     assert defines["PAYLOAD_MAX_BYTES"] == "HELLO_MAX_BYTES"

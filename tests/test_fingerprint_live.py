@@ -30,7 +30,7 @@ from sensor.fingerprint.consistency import client_stacks
 from sensor.fingerprint.ja3 import ja3
 from sensor.fingerprint.ja4 import ja4
 from sensor.fingerprint.reassembly import CompleteHello, HelloAssembler
-from sensor.fingerprint.tls import ClientHello, parse_client_hello
+from sensor.fingerprint.tls import ClientHello, hello_key, parse_client_hello
 from sensor.loader import Sensor, SensorSettings, remove_pins
 from tests.test_sensor_live import Live
 
@@ -77,6 +77,12 @@ class Seen:
     @property
     def ja4s(self) -> set[str]:
         return {ja4(h) for h in self.hellos}
+
+    @property
+    def keys(self) -> set[int]:
+        """The kernel's hello keys (bpf/common.h) of these hellos."""
+        pairs = zip(self.hellos, self.complete, strict=True)
+        return {hello_key(hello, len(done.handshake)) for hello, done in pairs}
 
     def segments_of(self, index: int) -> list[ClientHelloSegment]:
         """The captured segments that made up complete hello number `index`."""
@@ -172,6 +178,8 @@ def test_client_stack_hello_maps_to_its_family(live: Live, name: str) -> None:
     assert match is not None, f"{name}: JA4 {fingerprint} is not in client_stacks.toml"
     assert match.exact, f"{name}: only the cipher-suite hash of {fingerprint} is known"
     assert match.families == {stack.family}, f"{name}: JA4 {fingerprint}"
+    # The kernel's hello key (bpf/common.h) is as stable as the JA4.
+    assert len(seen.keys) == 1, f"{name}: differing hello keys {seen.keys}"
 
     # The kernel takes a continuation segment exactly when a hello needs one.
     for index, done in enumerate(seen.complete):
@@ -180,6 +188,21 @@ def test_client_stack_hello_maps_to_its_family(live: Live, name: str) -> None:
         expected = [1, 2] if record_len > SEGMENT_PAYLOAD else [1]
         assert [s.segment_index for s in segments] == expected
         assert sum(s.payload_len for s in segments) == record_len
+
+
+def test_openssl_tools_share_a_cipher_list_but_not_a_hello_key(live: Live) -> None:
+    """curl, openssl s_client and Python all send OpenSSL's default cipher list;
+    the kernel's key tells them apart by their extensions, so a JA4 verdict on
+    one of them never drops the others' hellos."""
+    seen = {}
+    for name in ("curl", "openssl", "python"):
+        _require(STACKS[name].program)
+        seen[name] = observe(live, STACKS[name].run)
+    cipher_lists = {tuple(h.cipher_suites) for s in seen.values() for h in s.hellos}
+    assert len(cipher_lists) == 1
+    keys = {name: s.keys for name, s in seen.items()}
+    assert all(len(k) == 1 for k in keys.values()), keys
+    assert len(set().union(*keys.values())) == 3, keys
 
 
 def test_chromium_post_quantum_hello_spans_two_segments(live: Live) -> None:

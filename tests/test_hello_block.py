@@ -56,9 +56,13 @@ def fixture_hellos() -> tuple[FixtureHello, ...]:
             segment = first[(done.flow, 1)]
             if segment[:1] != b"\x16":
                 continue
-            key = hello_key(parse_client_hello(done.handshake))
+            key = key_of(done.handshake)
             found.append(FixtureHello(f"{pcap.name}:{done.flow}", segment, key))
     return tuple(found)
+
+
+def key_of(handshake: bytes) -> int:
+    return hello_key(parse_client_hello(handshake), len(handshake))
 
 
 @pytest.fixture(scope="module")
@@ -86,25 +90,55 @@ def test_fixtures_hold_many_client_stacks() -> None:
     """The agreement test below means something only over many different hellos."""
     hellos = fixture_hellos()
     assert len(hellos) >= 100
-    assert len({h.key for h in hellos}) >= 6  # 7 client stacks in today's captures
+    assert len({h.key for h in hellos}) >= 8  # 10 keys in today's captures
 
 
-def test_key_leaves_out_grease_and_keeps_order() -> None:
-    base = (0x1301, 0x1302, 0xC02B)
-    key = hello_key(parse_client_hello(build_client_hello(cipher_suites=base)))
+def _hello(ciphers: tuple[int, ...], extensions: tuple[int, ...], pad: int = 0) -> bytes:
+    """A hello with these cipher suites and empty extensions of these types,
+    plus a padding extension (21) of `pad` bytes when pad > 0."""
+    exts = [(t, b"") for t in extensions] + ([(21, bytes(pad))] if pad else [])
+    return build_client_hello(cipher_suites=ciphers, extensions=exts)
+
+
+# Extension types the parser does not decode, so they may be empty.
+CIPHERS, EXTENSIONS = (0x1301, 0x1302, 0xC02B), (23, 35, 22, 45, 27)
+
+
+def test_key_leaves_out_grease_and_keeps_cipher_order() -> None:
+    key = key_of(_hello(CIPHERS, EXTENSIONS))
     for grease in sorted(GREASE_VALUES)[:3]:
-        greased = parse_client_hello(build_client_hello(cipher_suites=(grease, *base)))
-        assert hello_key(greased) == key
-    swapped = parse_client_hello(build_client_hello(cipher_suites=(0x1302, 0x1301, 0xC02B)))
-    assert hello_key(swapped) != key
+        assert key_of(_hello((grease, *CIPHERS), EXTENSIONS)) == key
+        assert key_of(_hello(CIPHERS, (grease, *EXTENSIONS))) == key
+    assert key_of(_hello((0x1302, 0x1301, 0xC02B), EXTENSIONS)) != key
     assert 0 < key < 1 << 64
+
+
+def test_key_holds_the_extension_set_not_its_order() -> None:
+    """Chrome shuffles its extensions on every connection; OpenSSL's tools share
+    one cipher list and differ in their extensions."""
+    key = key_of(_hello(CIPHERS, EXTENSIONS))
+    assert key_of(_hello(CIPHERS, tuple(reversed(EXTENSIONS)))) == key
+    assert key_of(_hello(CIPHERS, EXTENSIONS[:-1])) != key
+    assert key_of(_hello(CIPHERS, (*EXTENSIONS, 49))) != key
+
+
+def test_key_of_a_large_hello_is_its_cipher_list() -> None:
+    """Past HELLO_KEY_EXT_BUDGET the hello may span segments: the extensions
+    no longer count, so any two large hellos with one cipher list share a key."""
+    large = key_of(_hello(CIPHERS, EXTENSIONS, pad=abi.HELLO_KEY_EXT_BUDGET))
+    assert key_of(_hello(CIPHERS, EXTENSIONS[:2], pad=abi.HELLO_KEY_EXT_BUDGET)) == large
+    assert key_of(_hello(CIPHERS, EXTENSIONS)) != large
+    # Exactly at the budget (record header included) the extensions still count.
+    small = _hello(CIPHERS, EXTENSIONS)
+    fits = _hello(CIPHERS, EXTENSIONS, pad=abi.HELLO_KEY_EXT_BUDGET - 5 - len(small) - 4)
+    assert 5 + len(fits) == abi.HELLO_KEY_EXT_BUDGET
+    one_over = _hello(CIPHERS, EXTENSIONS, pad=abi.HELLO_KEY_EXT_BUDGET - 5 - len(small) - 3)
+    assert key_of(fits) != large and key_of(one_over) == large
 
 
 def test_key_counts_only_the_first_ciphers() -> None:
     many = tuple(range(0x0100, 0x0100 + abi.HELLO_KEY_MAX_CIPHERS))
-    key = hello_key(parse_client_hello(build_client_hello(cipher_suites=many)))
-    longer = parse_client_hello(build_client_hello(cipher_suites=(*many, 0xC02F)))
-    assert hello_key(longer) == key
+    assert key_of(_hello((*many, 0xC02F), ())) == key_of(_hello(many, ()))
 
 
 # ---- the kernel ----
@@ -124,7 +158,7 @@ def test_kernel_drops_exactly_the_blocked_key(kernel: KernelSensor, index: int) 
 
 def test_dropped_hello_blocks_its_connection(kernel: KernelSensor) -> None:
     ch = real_client_hello()
-    key = hello_key(parse_client_hello(ch[5:]))
+    key = key_of(ch[5:])
     kernel.verdicts.block_hello(key, 3600, "JA4 t13d_x blocked")
 
     kernel.run(seg(V4))
@@ -150,7 +184,7 @@ def test_dropped_hello_blocks_its_connection(kernel: KernelSensor) -> None:
 
 def test_exempt_and_allowed_sources_pass(kernel: KernelSensor) -> None:
     ch = real_client_hello()
-    key = hello_key(parse_client_hello(ch[5:]))
+    key = key_of(ch[5:])
     kernel.verdicts.block_hello(key, 60, "JA4 blocked")
     kernel.verdicts.exempt_hello(V4.client, 60, "declared agent")
     kernel.run(seg(V4))
@@ -164,7 +198,7 @@ def test_exempt_and_allowed_sources_pass(kernel: KernelSensor) -> None:
 
 def test_expired_key_and_non_hello_data_pass(kernel: KernelSensor) -> None:
     ch = real_client_hello()
-    key = hello_key(parse_client_hello(ch[5:]))
+    key = key_of(ch[5:])
     kernel.past.block_hello(key, 1, "expired long ago")
     kernel.run(seg(V4))
     expired = kernel.run(data(V4, ch, seq=SEQ + 1))

@@ -77,16 +77,27 @@ class ClientHello:
         return any(t == ext_type for t, _ in self.extensions)
 
 
-def hello_key(hello: ClientHello) -> int:
+def hello_key(hello: ClientHello, handshake_len: int) -> int:
     """The kernel's key for this hello's client stack (bpf/common.h, computed
-    again by botwall_hello in bpf/xdp_sensor.c): FNV-1a 64 over the cipher
-    suites as sent, GREASE left out, the first HELLO_KEY_MAX_CIPHERS only."""
+    again by botwall_hello in bpf/xdp_sensor.c). handshake_len: the hello's
+    handshake message, its 4-byte header included, as parse_client_hello got it."""
+    mask = 0xFFFF_FFFF_FFFF_FFFF
+
+    def fnv(key: int, data: bytes) -> int:
+        for byte in data:
+            key = ((key ^ byte) * abi.HELLO_KEY_FNV_PRIME) & mask
+        return key
+
     key = abi.HELLO_KEY_FNV_OFFSET
     for suite in hello.cipher_suites[: abi.HELLO_KEY_MAX_CIPHERS]:
-        if is_grease(suite):
-            continue
-        for byte in suite.to_bytes(2, "big"):
-            key = ((key ^ byte) * abi.HELLO_KEY_FNV_PRIME) & 0xFFFF_FFFF_FFFF_FFFF
+        if not is_grease(suite):
+            key = fnv(key, suite.to_bytes(2, "big"))
+    if 5 + handshake_len <= abi.HELLO_KEY_EXT_BUDGET:  # with its record header
+        ext_sum = 0
+        for ext_type in hello.extension_types[: abi.HELLO_KEY_MAX_EXTENSIONS]:
+            if not is_grease(ext_type):
+                ext_sum = (ext_sum + (ext_type + 1) * abi.HELLO_KEY_EXT_MIX) & mask
+        key = fnv(key, ext_sum.to_bytes(8, "little"))
     return key or 1
 
 
