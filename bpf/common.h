@@ -239,6 +239,9 @@ enum counter_id {
 	/* tc egress */
 	CTR_EGRESS_PACKETS,
 	CTR_EGRESS_NO_FLOW,
+	/* tc ingress: a packet XDP passed as malformed or a fragment (and counted
+	 * so), dropped there because its source is blocked */
+	CTR_DROP_BLOCK_UNPARSED,
 	CTR_MAX,
 };
 

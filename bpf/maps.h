@@ -58,20 +58,20 @@ BPF_TABLE("lru_hash", union addr16, struct source_state, sources, SOURCE_TABLE_S
 BPF_PERCPU_ARRAY(counters, __u64, CTR_MAX);
 /* 0 -> scratch record for variable-length payload events (the stack is 512 bytes) */
 BPF_PERCPU_ARRAY(payload_scratch, struct payload_event, 1);
-/* What botwall_xdp hands to botwall_hello about a new ClientHello. Kernel
- * only: never crosses to user space. */
-struct hello_check {
+/* What botwall_xdp hands to botwall_hello. Kernel only: never crosses to
+ * user space. */
+struct tail_call_args {
 	struct flow_tuple flow;
 	__u32 payload_offset;
-	__u32 result; /* enum counter_id so far: CTR_PASS */
+	__u32 result; /* enum counter_id so far, counted if the callee passes */
 };
-/* 0 -> the hello being checked (per CPU: XDP runs to completion on one CPU,
- * tail call included) */
-BPF_PERCPU_ARRAY(hello_scratch, struct hello_check, 1);
+/* 0 -> the packet being handed over (per CPU: XDP runs to completion on one
+ * CPU, tail call included) */
+BPF_PERCPU_ARRAY(tail_call_scratch, struct tail_call_args, 1);
 
 /* Programs botwall_xdp tail-calls, each with a verifier budget of its own. */
 enum tail_call {
-	TAIL_CALL_HELLO = 0, /* botwall_hello */
+	TAIL_CALL_HELLO = 0, /* botwall_hello: a new ClientHello */
 	TAIL_CALL_MAX,
 };
 /* enum tail_call -> program, filled by sensor/loader.py */

@@ -126,15 +126,16 @@ static __always_inline int parse_iphdr(struct cursor *c, void *data_end, struct 
 	tot_len = bpf_ntohs(ip->tot_len);
 	if (tot_len < ihl_bytes)
 		return -1;
-	/* Fragment offset non-zero: this fragment has no TCP header. */
-	if (ip->frag_off & bpf_htons(0x1fff))
-		return PARSE_FRAGMENT;
-
+	/* From here on the source is known, even if what follows is unreadable. */
 	pkt->flow.ip_version = 4;
 	pkt->flow.saddr.w[0] = 0;
 	pkt->flow.saddr.w[1] = 0;
 	pkt->flow.saddr.w[2] = bpf_htonl(0xffff);
 	pkt->flow.saddr.w[3] = ip->saddr;
+	/* Fragment offset non-zero: this fragment has no TCP header. */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return PARSE_FRAGMENT;
+
 	pkt->flow.daddr.w[0] = 0;
 	pkt->flow.daddr.w[1] = 0;
 	pkt->flow.daddr.w[2] = bpf_htonl(0xffff);
@@ -163,6 +164,7 @@ static __always_inline int parse_ip6hdr(struct cursor *c, void *data_end, struct
 	c->pos = ip6 + 1;
 	nexthdr = ip6->nexthdr;
 
+	/* From here on the source is known, even if what follows is unreadable. */
 	pkt->flow.ip_version = 6;
 	__builtin_memcpy(&pkt->flow.saddr, &ip6->saddr, 16);
 	__builtin_memcpy(&pkt->flow.daddr, &ip6->daddr, 16);

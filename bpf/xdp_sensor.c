@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* The sensor's programs: XDP ingress (parse -> enforce -> observe, one exit
  * that counts the result), the ClientHello check it tail-calls for a new
- * hello, and tc egress (the server's side of each flow).
+ * hello, tc egress (the server's side of each flow) and tc ingress (packets
+ * XDP could not read a port from, when their source is blocked).
  *
  * It never decides: it applies verdicts user space wrote and reports what it saw.
  * Failure policy: fail open. A packet it cannot parse, a map it cannot update,
@@ -511,18 +512,26 @@ static __always_inline void observe(struct xdp_md *ctx, struct packet *pkt, __u8
  * verifier budget left for a loop over the cipher suites.
  */
 
-static __always_inline void check_hello(struct xdp_md *ctx, const struct packet *pkt)
+/* Tail-calls program `index` with the packet's flow and the result so far.
+ * Returns only if the call could not be made. */
+static __always_inline void hand_over(struct xdp_md *ctx, const struct packet *pkt, __u32 result,
+				      __u32 index)
 {
-	struct hello_check *hc;
+	struct tail_call_args *args;
 	__u32 zero = 0;
 
-	hc = hello_scratch.lookup(&zero);
-	if (!hc)
+	args = tail_call_scratch.lookup(&zero);
+	if (!args)
 		return;
-	hc->flow = pkt->flow;
-	hc->payload_offset = pkt->payload_offset;
-	hc->result = CTR_PASS;
-	tail_calls.call(ctx, TAIL_CALL_HELLO);
+	args->flow = pkt->flow;
+	args->payload_offset = pkt->payload_offset;
+	args->result = result;
+	tail_calls.call(ctx, index);
+}
+
+static __always_inline void check_hello(struct xdp_md *ctx, const struct packet *pkt)
+{
+	hand_over(ctx, pkt, CTR_PASS, TAIL_CALL_HELLO);
 }
 
 static __always_inline int is_grease(__u8 hi, __u8 lo)
@@ -583,12 +592,12 @@ done:
 int botwall_hello(struct xdp_md *ctx)
 {
 	struct verdict *blocked, *exempt, flow_block;
-	struct hello_check *hc;
+	struct tail_call_args *hc;
 	struct config *cfg;
 	__u32 zero = 0;
 	__u64 key, now;
 
-	hc = hello_scratch.lookup(&zero);
+	hc = tail_call_scratch.lookup(&zero);
 	if (!hc)
 		return XDP_PASS;
 	cfg = config.lookup(&zero);
@@ -746,4 +755,66 @@ int botwall_tc_egress(struct __sk_buff *skb)
 	if (pkt.tcp->rst)
 		end_flow(&client, fs, FLOW_END_SERVER_RST, now);
 	return TC_ACT_OK;
+}
+
+/* ---- tc ingress: packets XDP could not read a port from ----
+ *
+ * A fragment after the first, an IPv6 header chain longer than parse_ip6hdr
+ * walks, a TCP header cut short or split over two fragments: XDP cannot read
+ * a port from them, so no verdict can be matched to a watched port, and it
+ * passes them (fail open). The kernel's own stack may still reassemble or
+ * accept them, so a blocked client could get through by wrapping its
+ * segments in seven extension headers or splitting its TCP header. This
+ * program, on the same interface's tc ingress, drops such packets when their
+ * source is blocked (address or CIDR) and not allowed. An honest client sends
+ * none, and everything else passes. It runs after XDP, with a verifier budget
+ * of its own (botwall_xdp has none left), and returns at once while no block
+ * verdict exists. It never touches a packet XDP parsed.
+ */
+int botwall_tc_ingress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct lpm_key prefix = {.prefixlen = 128};
+	struct packet pkt = {};
+	struct verdict *v;
+	struct config *cfg;
+	__u32 zero = 0, kinds;
+	__u64 now;
+	int rc;
+
+	cfg = config.lookup(&zero);
+	kinds = cfg ? cfg->verdict_kinds : 0;
+	if (!(kinds & (VERDICT_BLOCK | VERDICT_BLOCK_CIDR)))
+		return TC_ACT_OK;
+	rc = parse_packet(data, data_end, &pkt);
+	/* Parsed (XDP enforced it), not TCP, or not even a readable IP header. */
+	if (rc == 0 || rc == 1 || !pkt.flow.ip_version)
+		return TC_ACT_OK;
+	now = bpf_ktime_get_coarse_ns();
+	__builtin_memcpy(&prefix.addr, &pkt.flow.saddr, sizeof(prefix.addr));
+	if (kinds & VERDICT_ALLOW) {
+		v = allow_addr.lookup(&pkt.flow.saddr);
+		if (v && verdict_live(v, now))
+			return TC_ACT_OK;
+	}
+	if (kinds & VERDICT_ALLOW_CIDR) {
+		v = allow_cidr.lookup(&prefix);
+		if (v && verdict_live(v, now))
+			return TC_ACT_OK;
+	}
+	if (kinds & VERDICT_BLOCK) {
+		v = block_addr.lookup(&pkt.flow.saddr);
+		if (v && verdict_live(v, now))
+			goto drop;
+	}
+	if (kinds & VERDICT_BLOCK_CIDR) {
+		v = block_cidr.lookup(&prefix);
+		if (v && verdict_live(v, now))
+			goto drop;
+	}
+	return TC_ACT_OK;
+drop:
+	count(CTR_DROP_BLOCK_UNPARSED);
+	return TC_ACT_SHOT;
 }

@@ -162,6 +162,7 @@ class Counter(enum.IntEnum):
     FLOW_TABLE_FULL = enum.auto()
     EGRESS_PACKETS = enum.auto()
     EGRESS_NO_FLOW = enum.auto()
+    DROP_BLOCK_UNPARSED = enum.auto()
     MAX = enum.auto()
 
 

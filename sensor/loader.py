@@ -1,10 +1,10 @@
 """Compiles bpf/ with BCC, attaches it to interfaces and detaches it cleanly.
 
-XDP goes on ingress (native, generic or auto), the tc program on clsact egress,
-both through pyroute2 so an interface in another network namespace is reached
-without moving the agent there. Verdict maps are pinned under the pin dir, so
-a restarted agent finds the verdicts it left and the kernel keeps enforcing
-them while it is away.
+XDP goes on ingress (native, generic or auto), the tc programs on clsact egress
+and ingress (behind XDP), all through pyroute2 so an interface in another
+network namespace is reached without moving the agent there. Verdict maps
+are pinned under the pin dir, so a restarted agent finds the verdicts it left
+and the kernel keeps enforcing them while it is away.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ SOURCE = BPF_DIR / "xdp_sensor.c"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/botwall"
 
 XDP_PROGRAM = "botwall_xdp"
-HELLO_PROGRAM = "botwall_hello"  # tail-called by XDP_PROGRAM, see bpf/xdp_sensor.c
-TAIL_CALL_HELLO = 0  # enum tail_call in bpf/maps.h
+# Tail-called by XDP_PROGRAM (bpf/xdp_sensor.c), by their index in enum tail_call
+# (bpf/maps.h).
+TAIL_CALLS = {"botwall_hello": 0}
 TC_PROGRAM = "botwall_tc_egress"
+TC_INGRESS_PROGRAM = "botwall_tc_ingress"
 # The kernel keeps 15 characters of a program's name.
 OWN_PROGRAM_PREFIX = "botwall_"
 
@@ -56,6 +58,7 @@ _MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 _ATTACHED_MODE_NAMES = {1: "native", 2: "generic", 3: "offload", 4: "multi"}
 
 TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress hook
+TC_INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress hook
 TC_FILTER_PRIO = 49152  # arbitrary, fixed so detach finds our filter
 CLSACT_HANDLE = 0xFFFF0000
 
@@ -201,10 +204,11 @@ class Sensor:
         if failure is not None:
             raise CompileError(f"BCC could not compile {SOURCE}: {failure}\n{_tail(log[0])}")
         self.xdp_fn = self._load(XDP_PROGRAM, BPF.XDP)
-        self.hello_fn = self._load(HELLO_PROGRAM, BPF.XDP)
         self.tc_fn = self._load(TC_PROGRAM, BPF.SCHED_CLS)
+        self.tc_ingress_fn = self._load(TC_INGRESS_PROGRAM, BPF.SCHED_CLS)
         tail_calls = self.table("tail_calls")
-        tail_calls[ctypes.c_int(TAIL_CALL_HELLO)] = ctypes.c_int(self.hello_fn.fd)
+        for name, index in TAIL_CALLS.items():
+            tail_calls[ctypes.c_int(index)] = ctypes.c_int(self._load(name, BPF.XDP).fd)
 
     def _load(self, name: str, prog_type: int) -> Any:
         with _captured_stderr() as log:
@@ -302,23 +306,27 @@ class Sensor:
         except NetlinkError as exc:
             if exc.code != 17:  # EEXIST: someone's clsact is there; share it
                 raise AttachError(f"{ifname}: could not add clsact qdisc: {exc}") from exc
-        with contextlib.suppress(NetlinkError):
-            ipr.tc("del-filter", "bpf", ifindex, parent=TC_EGRESS_PARENT, prio=TC_FILTER_PRIO)
-        try:
-            ipr.tc(
-                "add-filter",
-                "bpf",
-                ifindex,
-                ":1",
-                fd=self.tc_fn.fd,
-                name=TC_PROGRAM,
-                parent=TC_EGRESS_PARENT,
-                prio=TC_FILTER_PRIO,
-                classid=1,
-                direct_action=True,
-            )
-        except NetlinkError as exc:
-            raise AttachError(f"{ifname}: could not attach tc program {TC_PROGRAM}: {exc}") from exc
+        for parent, fn, name in (
+            (TC_EGRESS_PARENT, self.tc_fn, TC_PROGRAM),
+            (TC_INGRESS_PARENT, self.tc_ingress_fn, TC_INGRESS_PROGRAM),
+        ):
+            with contextlib.suppress(NetlinkError):
+                ipr.tc("del-filter", "bpf", ifindex, parent=parent, prio=TC_FILTER_PRIO)
+            try:
+                ipr.tc(
+                    "add-filter",
+                    "bpf",
+                    ifindex,
+                    ":1",
+                    fd=fn.fd,
+                    name=name,
+                    parent=parent,
+                    prio=TC_FILTER_PRIO,
+                    classid=1,
+                    direct_action=True,
+                )
+            except NetlinkError as exc:
+                raise AttachError(f"{ifname}: could not attach tc program {name}: {exc}") from exc
         return created
 
     def detach(self, attachment: Attachment) -> None:
@@ -347,9 +355,10 @@ def detach_interface(ifname: str, netns: str | None = None, remove_clsact: bool 
         if prog_id and (prog_name(prog_id) or "").startswith(OWN_PROGRAM_PREFIX):
             _set_xdp(ipr, ifindex, -1, _MODE_FLAGS.get(mode or "", 0))
             removed = True
-        with contextlib.suppress(NetlinkError):
-            ipr.tc("del-filter", "bpf", ifindex, parent=TC_EGRESS_PARENT, prio=TC_FILTER_PRIO)
-            removed = True
+        for parent in (TC_EGRESS_PARENT, TC_INGRESS_PARENT):
+            with contextlib.suppress(NetlinkError):
+                ipr.tc("del-filter", "bpf", ifindex, parent=parent, prio=TC_FILTER_PRIO)
+                removed = True
         if remove_clsact:
             with contextlib.suppress(NetlinkError):
                 ipr.tc("del", "clsact", ifindex)

@@ -25,6 +25,7 @@ _DROPPED = {
     "drop_block_cidr": "block_cidr",
     "drop_block_flow": "block_flow",
     "drop_block_hello": "block_hello",
+    "drop_block_unparsed": "block_unparsed",
     "drop_tarpit": "tarpit",
 }
 _THROTTLED = {"drop_throttle_conn": "connections", "drop_throttle_pkt": "packets"}
