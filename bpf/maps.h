@@ -63,11 +63,19 @@ BPF_PERCPU_ARRAY(payload_scratch, struct payload_event, 1);
 struct tail_call_args {
 	struct flow_tuple flow;
 	__u32 payload_offset;
+	__u32 payload_len;
 	__u32 result; /* enum counter_id so far, counted if the callee passes */
 };
 /* 0 -> the packet being handed over (per CPU: XDP runs to completion on one
  * CPU, tail call included) */
 BPF_PERCPU_ARRAY(tail_call_scratch, struct tail_call_args, 1);
+
+/* The first HELLO_KEY_EXT_BUDGET bytes of a hello, read at once for its key. */
+struct hello_head {
+	__u8 b[HELLO_KEY_EXT_BUDGET];
+};
+/* 0 -> the hello botwall_hello is computing a key for (per CPU) */
+BPF_PERCPU_ARRAY(hello_head_scratch, struct hello_head, 1);
 
 /* Programs botwall_xdp tail-calls, each with a verifier budget of its own. */
 enum tail_call {

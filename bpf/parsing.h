@@ -67,8 +67,8 @@ struct packet {
  * a compare written in assembly on the very register returned, after an
  * empty asm that keeps clang from folding the identity away. Newer
  * verifiers prove the sizes as written, and this program has little of
- * their complexity budget left to spend, so for them it is `len` itself. */
-#ifdef BOTWALL_PROVEN_SIZES
+ * their complexity budget left to spend, so for them it is `len` itself.
+ * botwall_hello, with a budget of its own, calls proven_size() always. */
 static __always_inline __u64 proven_size(__u64 len, __u64 max)
 {
 	asm volatile("" : "+r"(len));
@@ -79,6 +79,7 @@ static __always_inline __u64 proven_size(__u64 len, __u64 max)
 		     : [max] "r"(max));
 	return len;
 }
+#ifdef BOTWALL_PROVEN_SIZES
 #define PROVEN_SIZE(len, max) proven_size((len), (max))
 #else
 #define PROVEN_SIZE(len, max) (len)

@@ -525,6 +525,7 @@ static __always_inline void hand_over(struct xdp_md *ctx, const struct packet *p
 		return;
 	args->flow = pkt->flow;
 	args->payload_offset = pkt->payload_offset;
+	args->payload_len = pkt->payload_len;
 	args->result = result;
 	tail_calls.call(ctx, index);
 }
@@ -539,49 +540,65 @@ static __always_inline int is_grease(__u8 hi, __u8 lo)
 	return hi == lo && (lo & 0x0f) == 0x0a;
 }
 
-/* The hello's key (see common.h), or 0 if the segment holds no readable hello. */
-static __always_inline __u64 hello_key(struct xdp_md *ctx, __u32 offset)
+/* The hello's key (see common.h), or 0 if the segment holds no readable hello.
+ * The segment's first HELLO_KEY_EXT_BUDGET bytes are read once into a per-CPU
+ * buffer and walked there: a helper call per cipher suite costs more than the
+ * rest of the walk together (bench/datapath.py, client_hello_key_walk). */
+#define HELLO_AT(h, pos) ((h)->b[(pos) & (HELLO_KEY_EXT_BUDGET - 1)])
+static __always_inline __u64 hello_key(struct xdp_md *ctx, __u32 offset, __u32 payload_len)
 {
 	__u64 hash = HELLO_KEY_FNV_OFFSET, ext_sum = 0;
-	__u8 head[4], session_id_len;
-	__u32 suites, hello_bytes, end, i;
+	__u32 n, pos, suites, hello_bytes, session_id_len, i, zero = 0;
+	struct hello_head *h;
+	__u8 hi, lo;
 
-	/* Record header (5), handshake header (4) with the hello's length. */
-	if (bpf_xdp_load_bytes(ctx, offset, head, 1) < 0 || head[0] != 0x16)
+	h = hello_head_scratch.lookup(&zero);
+	if (!h)
 		return 0;
-	if (bpf_xdp_load_bytes(ctx, offset + 6, head, 3) < 0)
+	n = payload_len < HELLO_KEY_EXT_BUDGET ? payload_len : HELLO_KEY_EXT_BUDGET;
+	if (n < 46) /* up to the cipher list's length with an empty session id */
 		return 0;
-	hello_bytes = 9 + ((__u32)head[0] << 16 | (__u32)head[1] << 8 | head[2]);
-	end = offset + hello_bytes;
-	/* Version (2), random (32), then the session id. */
-	if (bpf_xdp_load_bytes(ctx, offset + 43, &session_id_len, 1) < 0 || session_id_len > 32)
+	if (bpf_xdp_load_bytes(ctx, offset, h->b, proven_size(n, HELLO_KEY_EXT_BUDGET)) < 0)
 		return 0;
-	offset += 44 + session_id_len;
-	if (bpf_xdp_load_bytes(ctx, offset, head, 2) < 0)
+	/* Record header (5), handshake header (4) with the hello's length,
+	 * version (2), random (32), then the session id. */
+	if (HELLO_AT(h, 0) != 0x16)
 		return 0;
-	suites = ((__u32)head[0] << 8 | head[1]) / 2;
-	offset += 2;
+	hello_bytes = 9 + ((__u32)HELLO_AT(h, 6) << 16 | (__u32)HELLO_AT(h, 7) << 8 |
+			   HELLO_AT(h, 8));
+	session_id_len = HELLO_AT(h, 43);
+	if (session_id_len > 32)
+		return 0;
+	pos = 44 + session_id_len;
+	if (pos + 2 > n)
+		return 0;
+	suites = ((__u32)HELLO_AT(h, pos) << 8 | HELLO_AT(h, pos + 1)) / 2;
+	pos += 2;
 	for (i = 0; i < HELLO_KEY_MAX_CIPHERS && i < suites; i++) {
-		if (bpf_xdp_load_bytes(ctx, offset + 2 * i, head, 2) < 0)
+		if (pos + 2 * i + 2 > n)
 			return 0;
-		if (is_grease(head[0], head[1]))
+		hi = HELLO_AT(h, pos + 2 * i);
+		lo = HELLO_AT(h, pos + 2 * i + 1);
+		if (is_grease(hi, lo))
 			continue;
-		hash = (hash ^ head[0]) * HELLO_KEY_FNV_PRIME;
-		hash = (hash ^ head[1]) * HELLO_KEY_FNV_PRIME;
+		hash = (hash ^ hi) * HELLO_KEY_FNV_PRIME;
+		hash = (hash ^ lo) * HELLO_KEY_FNV_PRIME;
 	}
 	if (hello_bytes > HELLO_KEY_EXT_BUDGET)
 		goto done;
-	offset += 2 * suites;
+	pos += 2 * suites;
 	/* Compression methods, then the extensions block's length. */
-	if (bpf_xdp_load_bytes(ctx, offset, head, 1) < 0)
+	if (pos + 1 > n)
 		return 0;
-	offset += 1 + head[0] + 2;
-	for (i = 0; i < HELLO_KEY_MAX_EXTENSIONS && offset + 4 <= end; i++) {
-		if (bpf_xdp_load_bytes(ctx, offset, head, 4) < 0)
+	pos += 1 + HELLO_AT(h, pos) + 2;
+	for (i = 0; i < HELLO_KEY_MAX_EXTENSIONS && pos + 4 <= hello_bytes; i++) {
+		if (pos + 4 > n)
 			return 0;
-		if (!is_grease(head[0], head[1]))
-			ext_sum += (((__u64)head[0] << 8 | head[1]) + 1) * HELLO_KEY_EXT_MIX;
-		offset += 4 + ((__u32)head[2] << 8 | head[3]);
+		hi = HELLO_AT(h, pos);
+		lo = HELLO_AT(h, pos + 1);
+		if (!is_grease(hi, lo))
+			ext_sum += (((__u64)hi << 8 | lo) + 1) * HELLO_KEY_EXT_MIX;
+		pos += 4 + ((__u32)HELLO_AT(h, pos + 2) << 8 | HELLO_AT(h, pos + 3));
 	}
 	for (i = 0; i < 8; i++)
 		hash = (hash ^ ((ext_sum >> (8 * i)) & 0xff)) * HELLO_KEY_FNV_PRIME;
@@ -603,7 +620,7 @@ int botwall_hello(struct xdp_md *ctx)
 	cfg = config.lookup(&zero);
 	if (!cfg || !(cfg->verdict_kinds & VERDICT_BLOCK_HELLO))
 		goto pass;
-	key = hello_key(ctx, hc->payload_offset);
+	key = hello_key(ctx, hc->payload_offset, hc->payload_len);
 	if (!key)
 		goto pass;
 	blocked = block_hello.lookup(&key);
