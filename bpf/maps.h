@@ -58,6 +58,14 @@ BPF_TABLE("lru_hash", union addr16, struct source_state, sources, SOURCE_TABLE_S
 BPF_PERCPU_ARRAY(counters, __u64, CTR_MAX);
 /* 0 -> scratch record for variable-length payload events (the stack is 512 bytes) */
 BPF_PERCPU_ARRAY(payload_scratch, struct payload_event, 1);
+/* The coarse clock as last read on this CPU, and the jiffy it was read in.
+ * Kernel only: never crosses to user space. */
+struct tick_clock {
+	__u64 jiffies;
+	__u64 now_ns;
+};
+/* 0 -> this CPU's reading of the coarse clock for the current tick */
+BPF_PERCPU_ARRAY(tick_clock, struct tick_clock, 1);
 /* What botwall_xdp hands to botwall_hello. Kernel only: never crosses to
  * user space. */
 struct tail_call_args {

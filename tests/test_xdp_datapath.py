@@ -11,6 +11,7 @@ plain tests at the end.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -1385,6 +1386,29 @@ def test_flow_timing_is_monotonic(kernel: KernelSensor) -> None:
     assert end.first_ns <= end.last_ns
     assert end.gap_count == 2
     assert end.gap_mean_us >= 0 and end.gap_var_us2 >= 0
+
+
+def test_flow_times_follow_the_monotonic_clock(kernel: KernelSensor) -> None:
+    """Flow-state times are CLOCK_MONOTONIC at tick resolution (the kernel keeps one
+    reading of the coarse clock per tick and CPU): each lies between the precise clock
+    a few ticks before the packet and the precise clock after it, and they advance as
+    time passes, so a reading kept past its tick would fail here."""
+    ticks_behind_ns = 25_000_000  # up to two ticks at HZ=100, and then some
+    pause_ns = 60_000_000
+
+    before = time.monotonic_ns()
+    kernel.run(seg(V4))
+    first = kernel.flow_state(V4.flow())
+    assert first is not None
+    assert before - ticks_behind_ns <= first.first_ns <= time.monotonic_ns()
+
+    time.sleep(pause_ns / 1e9)
+    before = time.monotonic_ns()
+    kernel.run(data(V4))
+    later = kernel.flow_state(V4.flow())
+    assert later is not None
+    assert before - ticks_behind_ns <= later.last_ns <= time.monotonic_ns()
+    assert later.last_ns - first.first_ns >= pause_ns - ticks_behind_ns
 
 
 def test_kernel_refuses_frames_shorter_than_ethernet(kernel: KernelSensor) -> None:
