@@ -34,18 +34,24 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from controlplane.decisions import Action, Decision, Risk, TargetKind
 from controlplane.enforce import Enforcer
 from controlplane.engine import Engine, stats_dict
+from controlplane.features import FEATURE_NAMES
 from controlplane.learning import (
     KIND as SUPERVISED_KIND,
 )
 from controlplane.learning import (
     STATUS_SHADOW,
+    DriftMonitor,
     LearningLoop,
     Retrainer,
     TrainingSet,
+    confident_label,
 )
+from controlplane.models import row_from
 from controlplane.models.campaign import CampaignDetector
 from controlplane.models.consistency import ConsistencyModel
 from controlplane.policy import Policy, PolicyEngine
@@ -75,6 +81,15 @@ FEEDBACK_ALLOW_TTL_S = 900.0
 MANUAL_RULE = "manual"
 EXPIRE_EVERY_S = 10.0
 POLL_MS = 100
+# A label on a JA4, a cluster or a CIDR teaches the models through the
+# addresses the engine knows under it, at most this many of them.
+MAX_LABELLED_MEMBERS = 1000
+# Without a learning period, drift is measured against the first clients scored.
+DRIFT_REFERENCE_VECTORS = 2000
+# Risky clients are kept in the store this often (what /v1/clients/{addr}
+# shows once the engine has forgotten them), and for this long.
+SNAPSHOT_EVERY_S = 30.0
+SNAPSHOT_KEEP_S = 7 * 86400.0
 # Throttle rates a manual throttle gets when the operator names none.
 DEFAULT_THROTTLE_CONN_PER_S = 1.0
 DEFAULT_THROTTLE_PKT_PER_S = 50.0
@@ -108,9 +123,11 @@ class StoreRegistry:
             comparison=comparison,
         )
 
-    def set_model_status(self, kind: str, version: str, status: str) -> None:
+    def set_model_status(
+        self, kind: str, version: str, status: str, actor: str | None = None
+    ) -> None:
         self.store.set_model_status(
-            version, "candidate" if status == STATUS_SHADOW else status, self.actor
+            version, "candidate" if status == STATUS_SHADOW else status, actor or self.actor
         )
 
     def live_model(self, kind: str) -> _PathRecord | None:
@@ -183,8 +200,15 @@ class ControlPlane:
             learning_s=learning_s,
             learn=tuple(learn_models),
             on_decision=self._on_engine_decision,
+            on_scored=self._on_scored,
+            on_learned=self._on_learned,
         )
         self.training = TrainingSet()
+        # Feature drift of the clients scored, against the learning period's
+        # traffic (or the first DRIFT_REFERENCE_VECTORS clients scored).
+        self.drift = DriftMonitor()
+        self._drift_reference: list[np.ndarray] = []
+        self._snapshotted: dict[str, float] = {}  # addr -> ts of the risk last stored
         self.learning = LearningLoop(
             self.training,
             Retrainer(store.state_dir / "models", StoreRegistry(store)),
@@ -266,6 +290,67 @@ class ControlPlane:
             self.store_errors += 1
             log.error("could not record decision on %s: %s", decision.target, exc)
 
+    def _on_scored(self, scored: list[tuple[Risk, Mapping[str, float]]]) -> None:
+        """Each tick's client risks: the confident ones join the training set
+        (the operator's labels stand over them), all of them the drift monitor."""
+        rows = []
+        for risk, features in scored:
+            rows.append(row_from(features, FEATURE_NAMES))
+            sure = confident_label(risk.score)
+            if sure is not None:
+                self.training.add_confident(features, sure[0], sure[1], key=risk.key)
+        if self.drift.fitted:
+            self.drift.update_many(np.stack(rows))
+            return
+        self._drift_reference.extend(rows)
+        if len(self._drift_reference) >= DRIFT_REFERENCE_VECTORS:
+            self._on_learned(np.stack(self._drift_reference))
+
+    def _on_learned(self, vectors: np.ndarray) -> None:
+        """The learning period's vectors become the drift reference."""
+        self.drift.fit(vectors)
+        self._drift_reference = []
+
+    def save_snapshots(self) -> int:
+        """Stores every risky client whose risk changed since it was last
+        stored, and drops snapshots older than SNAPSHOT_KEEP_S; returns how
+        many were stored. A store failure is logged and counted."""
+        with self.lock:
+            fresh = [
+                (risk, self.engine.fingerprints(risk.key[1]) or {})
+                for key, risk in self.engine.risks.items()
+                if key[0] == "addr" and self._snapshotted.get(key[1]) != risk.ts
+            ]
+            rows = [
+                (
+                    risk.key[1],
+                    risk.score,
+                    [asdict(r) for r in risk.reasons],
+                    _finite(self.engine.features.features(risk.key, risk.ts)),
+                    fingerprints,
+                    None,
+                )
+                for risk, fingerprints in fresh
+            ]
+        try:
+            if rows:
+                self.store.save_snapshots(rows)
+            self.store.prune_snapshots(SNAPSHOT_KEEP_S)
+        except (BotwallError, ValueError) as exc:
+            self.store_errors += 1
+            log.error("could not store %d client snapshots: %s", len(rows), exc)
+            return 0
+        with self.lock:
+            self._snapshotted.update((risk.key[1], risk.ts) for risk, _ in fresh)
+            # Clients whose risk the engine dropped (now low, or pruned) are
+            # forgotten here too: the next risk they get is stored again.
+            self._snapshotted = {
+                addr: ts
+                for addr, ts in self._snapshotted.items()
+                if ("addr", addr) in self.engine.risks
+            }
+        return len(rows)
+
     # ---- reads ----
 
     def stats(self) -> dict[str, Any]:
@@ -287,6 +372,13 @@ class ControlPlane:
             # JA4 verdicts the kernel enforces at the hello: key -> JA4
             "hello_keys": {f"{k:016x}": ja4 for k, ja4 in hello_keys.items()},
         }
+
+    def drift_report(self) -> dict[str, Any]:
+        """PSI per feature of recent clients against the reference (see DriftMonitor)."""
+        with self.lock:
+            report = self.drift.report()
+            report["reference_pending"] = len(self._drift_reference)
+        return report
 
     def latency_samples(self) -> list[float]:
         with self.lock:
@@ -439,15 +531,23 @@ class ControlPlane:
         subject at once (and allows an address or CIDR for a while); every
         label is stored and goes to the training set."""
         features: dict[str, float] | None = None
+        members: dict[str, dict[str, float]] = {}
         if subject_kind == "addr":
             key = ("addr", canonical_target(TargetKind.ADDRESS, subject))
             with self.lock:
                 seen = self.engine.features.last_seen(key)
                 if seen is not None:
                     features = _finite(self.engine.features.features(key, seen))
+        else:
+            members = self._labelled_members(subject_kind, subject)
         record = self.store.add_label(subject_kind, subject, label, actor, note, features)
         if features:
             self.training.add_feedback(features, label, key=("addr", record.subject))
+        # A JA4, cluster or CIDR label teaches through its addresses. The
+        # label is stored without features: they are the members', which
+        # change; the training set has them as of now.
+        for addr, member_features in members.items():
+            self.training.add_feedback(member_features, label, key=("addr", addr))
         revoked: list[str] = []
         allowed: str | None = None
         if label in ("human", "good_bot"):
@@ -476,6 +576,27 @@ class ControlPlane:
             "allow_decision": allowed,
         }
 
+    def _labelled_members(self, subject_kind: str, subject: str) -> dict[str, dict[str, float]]:
+        """The features of the addresses a JA4, cluster or CIDR label covers,
+        as the engine knows them now (at most MAX_LABELLED_MEMBERS)."""
+        with self.lock:
+            if subject_kind == "cidr":
+                net = ipaddress.ip_network(subject, strict=False)
+                addrs = [a for a in self.engine.clients() if ipaddress.ip_address(a) in net]
+            elif subject_kind in ("ja4", "cluster"):
+                kind, _, value = (
+                    subject.partition(":") if subject_kind == "cluster" else ("ja4", "", subject)
+                )
+                addrs = sorted(self.engine.features.members((kind, value)))
+            else:
+                return {}
+            out: dict[str, dict[str, float]] = {}
+            for addr in addrs[:MAX_LABELLED_MEMBERS]:
+                seen = self.engine.features.last_seen(("addr", addr))
+                if seen is not None:
+                    out[addr] = _finite(self.engine.features.features(("addr", addr), seen))
+            return out
+
     def app_event(self, client: str, port: int, kind: str) -> None:
         with self.lock:
             self.engine.app_event(client, port, kind)
@@ -496,7 +617,7 @@ class ControlPlane:
 
     def promote(self, version: str, actor: str) -> dict[str, Any]:
         self.store.get_model(version)  # ModelNotFound (404) before anything else
-        self.learning.promote_version(version)
+        self.learning.promote_version(version, actor=actor)
         return self.models_by_version()[version]
 
     def models_by_version(self) -> dict[str, dict[str, Any]]:
@@ -668,6 +789,7 @@ class Agent:
         """The engine loop, as Engine.run_live but under the control plane's lock."""
         engine, next_expiry = self.plane.engine, time.monotonic() + EXPIRE_EVERY_S
         next_allow = time.monotonic() + self._allow_renew_s()
+        next_snapshot = time.monotonic() + SNAPSHOT_EVERY_S
         next_tick = 0.0
         while not stop():
             events = self.source.poll(POLL_MS)
@@ -687,6 +809,9 @@ class Agent:
                 with self.plane.lock:
                     self.verdicts.expire()
                 next_expiry = time.monotonic() + EXPIRE_EVERY_S
+            if time.monotonic() >= next_snapshot:  # the store takes its own lock
+                self.plane.save_snapshots()
+                next_snapshot = time.monotonic() + SNAPSHOT_EVERY_S
             if time.monotonic() >= next_allow:  # the allow list outlives its TTL
                 with self.plane.lock:
                     self.plane._write_allow_list()

@@ -155,6 +155,8 @@ class Engine:
         learn: tuple[str, ...] = ("baseline", "journey"),
         max_profiles: int = 200_000,
         on_decision: Callable[[Decision, Risk], None] | None = None,
+        on_scored: Callable[[list[tuple[Risk, Mapping[str, float]]]], None] | None = None,
+        on_learned: Callable[[np.ndarray], None] | None = None,
     ) -> None:
         self.scorer = scorer
         self.policy = policy
@@ -172,6 +174,10 @@ class Engine:
         # (a lower score is in the client's profile, without its reasons).
         self.risks: dict[ClusterKey, Risk] = {}
         self._on_decision = on_decision
+        # Every tick's client risks with the features they were scored on
+        # (continuous learning, drift), and the learning period's vectors.
+        self._on_scored = on_scored
+        self._on_learned = on_learned
         self._profiles: OrderedDict[str, _Profile] = OrderedDict()
         self._max_profiles = max_profiles
         self._dirty_clients: set[str] = set()
@@ -307,6 +313,10 @@ class Engine:
         profile.steps = []
         profile.paths = []
 
+    def clients(self) -> list[str]:
+        """The addresses the engine tracks, least recently seen first."""
+        return list(self._profiles)
+
     def fingerprints(self, addr: str) -> dict[str, str | None] | None:
         """The latest JA4, TCP signature and User-Agent seen from an address."""
         profile = self._profiles.get(addr)
@@ -382,7 +392,11 @@ class Engine:
         self._dirty_clients = waiting
         views = [self._view(addr, now) for addr in due]
         if views:
-            for risk in self.scorer.score_clients(views, self._cluster_risks):
+            risks = self.scorer.score_clients(views, self._cluster_risks)
+            if self._on_scored is not None:
+                features = (view.features for view in views)
+                self._on_scored(list(zip(risks, features, strict=True)))
+            for risk in risks:
                 self.stats.clients_scored += 1
                 self._profiles[risk.key[1]].last_score = risk.score
                 # The full Risk (reasons, versions) only where it says something:
@@ -555,6 +569,8 @@ class Engine:
         open_sessions = [list(p.steps) for p in self._profiles.values() if len(p.steps) >= 2]
         self._learning = None
         self.fit_baseline(learning.vectors, learning.groups, learning.sessions + open_sessions)
+        if self._on_learned is not None and learning.vectors:
+            self._on_learned(np.stack(learning.vectors))
 
     def fit_baseline(
         self, vectors: list[np.ndarray], groups: list[str], sessions: list[list[str]]

@@ -133,7 +133,11 @@ class ModelRegistry(Protocol):
         comparison: Mapping[str, Any] | None,
     ) -> None: ...
 
-    def set_model_status(self, kind: str, version: str, status: str) -> None: ...
+    def set_model_status(
+        self, kind: str, version: str, status: str, actor: str | None = None
+    ) -> None:
+        """actor: who changed it, when not the learner itself (a hand promotion)."""
+        ...
 
     def live_model(self, kind: str) -> ModelRecord | None: ...
 
@@ -831,7 +835,9 @@ class Retrainer:
             self._register(candidate.model, record, STATUS_SHADOW)
         self._make_live(candidate.model, scorer)
 
-    def promote_version(self, version: str, scorer: RiskScorer) -> SupervisedClassifier:
+    def promote_version(
+        self, version: str, scorer: RiskScorer, *, actor: str | None = None
+    ) -> SupervisedClassifier:
         """Makes a registered version live by hand, from its file. The file is
         loaded by persist.load_model, which refuses (ModelLoadError) a file
         altered since it was saved, a different kind, or other feature names."""
@@ -843,8 +849,8 @@ class Retrainer:
             raise ModelLoadError(
                 f"{record.path}: holds version {model.version_}, the registry says {version}"
             )
-        self._make_live(model, scorer)
-        log.info("model %s promoted by hand", version)
+        self._make_live(model, scorer, actor)
+        log.info("model %s promoted by hand%s", version, f" ({actor})" if actor else "")
         return model
 
     def _register(
@@ -863,15 +869,17 @@ class Retrainer:
         )
         return path
 
-    def _make_live(self, model: SupervisedClassifier, scorer: RiskScorer) -> None:
+    def _make_live(
+        self, model: SupervisedClassifier, scorer: RiskScorer, actor: str | None = None
+    ) -> None:
         # The registry first: if it fails, the scorer keeps its model and the
         # error says why (two writes here: a store can make them one
         # transaction). The swap is one attribute assignment, which the
         # engine's thread sees whole.
         previous = self.registry.live_model(KIND)
         if previous is not None and previous.version != model.version_:
-            self.registry.set_model_status(KIND, previous.version, STATUS_RETIRED)
-        self.registry.set_model_status(KIND, str(model.version_), STATUS_LIVE)
+            self.registry.set_model_status(KIND, previous.version, STATUS_RETIRED, actor)
+        self.registry.set_model_status(KIND, str(model.version_), STATUS_LIVE, actor)
         scorer.supervised = model
 
 
@@ -984,10 +992,10 @@ class LearningLoop:
                 stats.last_error = outcome.reason
             self._done.notify_all()
 
-    def promote_version(self, version: str) -> SupervisedClassifier:
+    def promote_version(self, version: str, *, actor: str | None = None) -> SupervisedClassifier:
         """Retrainer.promote_version, never in the middle of a round."""
         with self._lock:
-            return self.retrainer.promote_version(version, self.scorer)
+            return self.retrainer.promote_version(version, self.scorer, actor=actor)
 
     # ---- the thread ----
 

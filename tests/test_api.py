@@ -74,6 +74,7 @@ PROTECTED = [
     ("POST", "/v1/events"),
     ("GET", "/v1/models"),
     ("POST", "/v1/models/retrain"),
+    ("GET", "/v1/models/drift"),
     ("POST", "/v1/models/v1/promote"),
     ("GET", "/metrics"),
 ]
@@ -360,6 +361,31 @@ def test_metrics(api: Api) -> None:
         "botwall_events_lost_total",
     ):
         assert name in text, name
+
+
+def test_drift_route_and_metric(api: Api) -> None:
+    import numpy as np
+
+    from controlplane.features import FEATURE_NAMES
+    from controlplane.learning import DriftMonitor
+
+    empty = api.http.get("/v1/models/drift").json()
+    assert (empty["fitted"], empty["psi"]) == (False, {})
+    # A reference, then recent clients that all moved on one feature.
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(400, len(FEATURE_NAMES)))
+    recent = rng.normal(size=(200, len(FEATURE_NAMES)))
+    recent[:, FEATURE_NAMES.index("login_share")] += 3.0
+    api.plane.drift = DriftMonitor(min_samples=100.0).fit(reference)
+    api.plane.drift.update_many(recent)
+    body = api.http.get("/v1/models/drift").json()
+    assert body["drifted"] == ["login_share"]
+    assert body["levels"]["login_share"] == "major"
+    metrics = api.http.get("/metrics").text
+    line = next(
+        x for x in metrics.splitlines() if 'botwall_feature_psi{feature="login_share"}' in x
+    )
+    assert float(line.split()[-1]) == pytest.approx(body["psi"]["login_share"])
 
 
 def test_openapi_docs(api: Api) -> None:

@@ -134,6 +134,7 @@ class FakeRegistry:
 
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], Record] = {}
+        self.actors: list[tuple[str, str, str | None]] = []  # (version, status, actor)
 
     def register_model(
         self,
@@ -153,8 +154,11 @@ class FakeRegistry:
             kind, version, path, status, list(feature_names), stored
         )
 
-    def set_model_status(self, kind: str, version: str, status: str) -> None:
+    def set_model_status(
+        self, kind: str, version: str, status: str, actor: str | None = None
+    ) -> None:
         self.records[kind, version].status = status
+        self.actors.append((version, status, actor))
 
     def live_model(self, kind: str) -> Record | None:
         live = [r for r in self.records.values() if r.kind == kind and r.status == STATUS_LIVE]

@@ -72,6 +72,14 @@ class PlaneCollector(Collector):
         yield GaugeMetricFamily(
             "botwall_live_decisions", "Decisions in force", value=stats["live_decisions"]
         )
+        psi = GaugeMetricFamily(
+            "botwall_feature_psi",
+            "Population stability index of a feature, recent clients against the reference",
+            labels=["feature"],
+        )
+        for feature, value in self.plane.drift_report()["psi"].items():
+            psi.add_metric([feature], value)
+        yield psi
         samples = self.plane.latency_samples()
         buckets, running = [], 0
         ordered = sorted(samples)

@@ -1,4 +1,4 @@
-"""The model registry: list, retrain now, promote a version by hand."""
+"""The model registry: list, retrain now, promote a version by hand; feature drift."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ router = APIRouter(prefix="/v1", tags=["models"])
 @router.get("/models")
 def models(plane: AgentDep, _actor: AuthDep) -> list[dict[str, Any]]:
     return plane.models()
+
+
+@router.get("/models/drift")
+def drift(plane: AgentDep, _actor: AuthDep) -> dict[str, Any]:
+    """Population stability index per feature: recent clients against the
+    learning period's (or the first clients scored); empty until enough
+    recent clients were scored. Levels: stable < 0.1 <= moderate <= 0.25 < major."""
+    return plane.drift_report()
 
 
 @router.post("/models/retrain")
