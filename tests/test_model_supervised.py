@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from controlplane.models.supervised import SupervisedClassifier
+from controlplane.models.supervised import SupervisedClassifier, _snap_to_levels
 from tests.synthetic_traffic import (
     CLIENT_FEATURES,
     DESCRIPTIONS,
@@ -82,6 +82,45 @@ def test_rare_bot_labels_are_still_learned() -> None:
     )
     unseen = [traffic.inventory_hoarder() for _ in range(5)]
     assert model.bot_probability(feature_matrix(unseen)).min() > 0.5
+
+
+def _ambiguous(rng: np.random.Generator, people: int, bots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous, partly missing features (far more distinct values than the
+    boosters have bins); bots do more of "a", but many people do as much."""
+    X = rng.lognormal(size=(people + bots, 3))
+    X[people:, 0] *= 4.0
+    X[rng.random(X.shape) < 0.05] = np.nan
+    return X, np.array(["human"] * people + ["bot"] * bots)
+
+
+def test_rare_class_is_weighted_up_then_calibrated_back() -> None:
+    rng = np.random.default_rng(7)
+    X, y = _ambiguous(rng, 2000, 50)
+    model = SupervisedClassifier(max_iter=50).fit(X, y, feature_names=["a", "b", "c"])
+    unseen, truth = _ambiguous(rng, 8000, 200)
+    bots = truth == "bot"
+    base_rate = bots.mean()
+    # The trees saw balanced classes: on ambiguous clients they lean to the
+    # rare one, far above its share (unweighted trees stay near the base rate).
+    trees = model.model_.calibrated_classifiers_[0].estimator
+    leaning = trees.predict_proba(unseen)[:, list(trees.classes_).index("bot")]
+    assert leaning.mean() > 3 * base_rate
+    # Calibration brings that back to the base rate, still ranking bots higher.
+    p = model.bot_probability(unseen)
+    assert p.mean() == pytest.approx(base_rate, abs=0.015)
+    assert p[bots].mean() > 1.5 * p[~bots].mean()
+
+
+def test_raw_features_score_as_the_binned_ones_trained_on() -> None:
+    rng = np.random.default_rng(8)
+    X, y = _ambiguous(rng, 1000, 40)
+    snapped = _snap_to_levels(X, 255)
+    assert all(len(np.unique(c[~np.isnan(c)])) <= 255 for c in snapped.T)
+    assert np.array_equal(np.isnan(snapped), np.isnan(X))
+    model = SupervisedClassifier(max_iter=20).fit(X, y, feature_names=["a", "b", "c"])
+    # Scoring needs no binning step of its own: the booster cuts raw values
+    # where it cut the snapped ones.
+    assert np.array_equal(model.predict_proba(X), model.model_.predict_proba(snapped))
 
 
 @pytest.mark.parametrize(
