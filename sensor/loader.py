@@ -187,8 +187,11 @@ class Sensor:
             self.bpf.cleanup()
             try:
                 self._compile_and_load(BPF, [*self.settings.cflags(), PROVEN_SIZES_CFLAG])
-            except _Refused:
-                raise CompileError(str(refused)) from None
+            except _Refused as again:
+                # Both logs: the second is the one an older verifier judged.
+                raise CompileError(
+                    f"{refused}\n\nrecompiled with {PROVEN_SIZES_CFLAG}, again refused: {again}"
+                ) from None
             self.proven_sizes = True
         self.attachments: list[Attachment] = []
         self._set_watched_ports()
