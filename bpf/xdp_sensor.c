@@ -33,9 +33,18 @@ static __always_inline void count(__u32 id)
  * the tick. The coarse clock only moves when the tick advances jiffies, and
  * bpf_jiffies64() is inlined by the verifier into one load, while the helper
  * call cost 24 ns a packet on the bench machine, a third of what a blocked
- * packet costs (bench/datapath.py). The tick bumps jiffies just before the coarse clock: a
- * CPU reading between the two keeps the previous tick's time for this tick,
- * one tick behind, as the coarse clock itself can be. */
+ * packet costs (bench/datapath.py). The tick bumps jiffies just before the
+ * coarse clock: a CPU reading between the two keeps the previous tick's time
+ * for this tick, one tick behind, as the coarse clock itself can be. */
+#ifdef BOTWALL_PROVEN_SIZES
+/* The build for older verifiers (see PROVEN_SIZE in parsing.h): Debian 12's
+ * 6.1 refuses the program as too complex with the cache's branch at each
+ * call site, so there every read is the helper's. */
+static __always_inline __u64 coarse_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+#else
 static __always_inline __u64 coarse_now(void)
 {
 	struct tick_clock *clock;
@@ -51,6 +60,7 @@ static __always_inline __u64 coarse_now(void)
 	}
 	return clock->now_ns;
 }
+#endif
 
 /* Event timestamps are precise (bpf_ktime_get_ns): they are read here, once
  * per record, not once per packet. Flow-state times use the coarse clock. */
