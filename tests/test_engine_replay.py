@@ -49,7 +49,11 @@ class Conversation:
         if "S" in flags:
             ack = 0 if client_side else self.cseq + 1
         segment = TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, window=64240, **tcp)
-        packet = Ether() / IP(src=src, dst=dst, ttl=64, flags="DF") / segment
+        packet = (
+            Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+            / IP(src=src, dst=dst, ttl=64, flags="DF")
+            / segment
+        )
         if payload:
             packet = packet / Raw(payload)
         packet.time = self.t
