@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from controlplane.decisions import Action, Decision, Risk, TargetKind
-from controlplane.enforce import Enforcer
+from controlplane.enforce import Enforcer, is_by_source
 from controlplane.engine import Engine, stats_dict
 from controlplane.features import FEATURE_NAMES
 from controlplane.learning import (
@@ -262,18 +262,18 @@ class ControlPlane:
             if self.verdicts is not None:
                 report = reconcile(self.store, self.verdicts)
                 written, removed = report.written, report.removed
-                ja4 = report.ja4_decisions
+                held = report.enforcer_decisions
             else:
                 now = self.store.clock()
-                ja4 = [
+                held = [
                     r.with_remaining_ttl(now)
                     for r in self.store.live_decisions(now)
-                    if r.decision.target_kind is TargetKind.JA4
+                    if r.decision.target_kind is TargetKind.JA4 or is_by_source(r.decision)
                 ]
-            for decision in ja4:
+            for decision in held:
                 self.enforcer.apply(decision)
             self._write_allow_list()
-            return {"written": written, "removed": removed, "ja4": len(ja4)}
+            return {"written": written, "removed": removed, "by_enforcer": len(held)}
 
     def _write_allow_list(self) -> None:
         for decision in self.policy_engine.policy.allow_decisions():
@@ -484,7 +484,24 @@ class ControlPlane:
         record = self.store.record_decision(decision, source=source, actor=actor)
         with self.lock:
             self.enforcer.apply(record.decision)
+            if is_by_source(record.decision):
+                self._apply_to_known_addresses(record.decision)
         return record
+
+    def _apply_to_known_addresses(self, decision: Decision) -> None:
+        """A JA4 or CIDR decision the Enforcer writes per address, for the
+        addresses the engine already knows under it: the others get theirs at
+        their next connection. Under self.lock."""
+        if decision.target_kind is TargetKind.CIDR:
+            net = ipaddress.ip_network(decision.target, strict=False)
+            for addr in self.engine.clients():
+                ip = ipaddress.ip_address(addr)
+                if ip in net:
+                    self.enforcer.on_source(ip)
+            return
+        ja4 = decision.target.partition("@")[0]
+        for addr in self.engine.features.members(("ja4", ja4)):
+            self.enforcer.on_source(ipaddress.ip_address(addr), ja4)
 
     def revoke(self, decision_id: str, actor: str, reason: str = "revoked") -> DecisionRecord:
         """Ends a decision: the store first, then the kernel; other live
@@ -496,19 +513,24 @@ class ControlPlane:
     def _unenforce(self, decision: Decision) -> None:
         target = decision.target
         with self.lock:
-            if decision.target_kind is TargetKind.JA4:
-                self.enforcer.revoke(target)
+            cleared: list[Any] = []  # addresses given verdicts by a JA4 or CIDR decision
+            if is_by_source(decision):
+                cleared = self.enforcer.revoke_by_source(target)
+            elif decision.target_kind is TargetKind.JA4:
+                cleared = self.enforcer.revoke(target)
             elif self.verdicts is not None:
                 key = kernel_key(decision)
                 if key is not None:
                     _remove_kernel(self.verdicts, key[0], target)
-            # Whatever else stands on this target goes back in, with the TTL it has left.
+            # Whatever else stands on this target, and on the addresses it
+            # cleared, goes back in, with the TTL it has left.
+            targets = {target, *(str(addr) for addr in cleared)}
             now = self.store.clock()
             for other in self.store.live_decisions(now):
-                if other.decision.target == target:
+                if other.decision.target in targets:
                     self.enforcer.apply(other.with_remaining_ttl(now))
             for allow in self.policy_engine.policy.allow_decisions():
-                if allow.target == target:
+                if allow.target in targets:
                     self.enforcer.apply(allow)
 
     # ---- policy ----

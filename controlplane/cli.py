@@ -433,7 +433,7 @@ def block(
 
 @app.command()
 def allow(
-    target: Annotated[str, typer.Argument(help="address or CIDR", show_default=False)],
+    target: Annotated[str, typer.Argument(help="address, CIDR or JA4", show_default=False)],
     ttl: Ttl = 86400.0,
     reason: ReasonOpt = None,
     api: ApiUrl = None,
@@ -441,8 +441,10 @@ def allow(
     state_dir: StateDir = None,
     as_json: AsJson = False,
 ) -> None:
-    """Allow an address or a CIDR whatever its risk, for --ttl seconds (allow wins)."""
-    _manual("allow", target, ttl, reason, ("addr", "cidr"), (api, token, state_dir), as_json)
+    """Allow an address, a CIDR or a JA4 whatever its risk, for --ttl seconds (allow
+    wins). A JA4 allow is written for each address as it presents that JA4."""
+    _manual("allow", target, ttl, reason, ("addr", "cidr", "ja4"), (api, token, state_dir),
+            as_json)  # fmt: skip
 
 
 # What `unblock` lifts: everything that holds a client back. An allow is left alone.

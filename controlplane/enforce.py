@@ -14,6 +14,14 @@ reaches the kernel two ways:
   verdicts, shared keys, hellos the kernel could not read), but lands after
   the server answered: a fast client may get a request in first.
 
+Allow, throttle and tarpit on a JA4, and throttle and tarpit on a CIDR, have
+no kernel map of their own (the kernel's are per address): each is written as
+an address verdict for every address that shows itself under it, at its
+ClientHello (a JA4) or its SYN (a CIDR), and once for every address the
+engine already knows there when the decision is made. An address's buckets
+are written once per decision, not at each of its connections, which would
+refill them. A JA4 allow also spares its clients from JA4 blocks.
+
 A client the policy spares from JA4 verdicts (a declared agent or verified
 crawler on a blocked bot's stack) gets a hello exemption in the kernel from
 its first request on; if the kernel dropped one of its hellos before that,
@@ -28,7 +36,7 @@ import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from controlplane.decisions import Action, Decision, TargetKind
 from controlplane.observations import Connection, ConnectionStage
@@ -89,6 +97,11 @@ class Enforcer:
         self._kernel_keys: dict[int, float] = {}
         # address -> expiry of its hello exemption (this clock)
         self._exempt: dict[IPAddress, float] = {}
+        # target text -> (expiry, decision): the decisions written per address
+        # as addresses show themselves (see the module's docstring)
+        self._by_source: dict[str, tuple[float, Decision]] = {}
+        # target text -> address -> expiry of what was written for it
+        self._derived: dict[str, dict[IPAddress, float]] = {}
         if verdicts is not None:
             self._adopt_kernel_keys(verdicts)
         self.applied: list[Decision] = []  # bounded by the caller's log rotation
@@ -103,6 +116,10 @@ class Enforcer:
         """Writes one decision to the kernel (unless shadow or monitor)."""
         self.applied.append(decision)
         if decision.shadow or decision.action is Action.MONITOR:
+            return
+        if is_by_source(decision):
+            self._by_source[decision.target] = (self._clock_s() + decision.ttl_s, decision)
+            self._derived.pop(decision.target, None)  # a new decision: new buckets
             return
         if decision.target_kind is TargetKind.JA4:
             ja4, scope = parse_ja4_target(decision.target)
@@ -129,7 +146,7 @@ class Enforcer:
         if key is not None:
             self._learn_key(key, ja4)
         now = self._clock_s()
-        if spared:
+        if spared or self._ja4_allowed(ja4, conn.client, now):
             self.exempt(conn.client)
             if self._key_blocked(key, now):  # the kernel may have dropped this hello
                 self._unblock_flow(flow)
@@ -154,6 +171,49 @@ class Enforcer:
             self.fingerprint_latency.add(self._clock_s() - conn.ts)
         self.applied.append(decision)
         return decision
+
+    def on_source(self, client: IPAddress, ja4: str | None = None) -> list[Decision]:
+        """An address showed itself: at its SYN (ja4 None) or its ClientHello.
+        Writes the address verdicts the live JA4 and CIDR decisions in
+        _by_source give it, each once per decision; returns them."""
+        if not self._by_source:
+            return []
+        now = self._clock_s()
+        made = []
+        for target, (expiry, decision) in list(self._by_source.items()):
+            if expiry <= now:
+                del self._by_source[target]
+                self._derived.pop(target, None)
+                continue
+            if not _covers_source(decision, client, ja4):
+                continue
+            written = self._derived.setdefault(target, {})
+            if written.get(client, -1.0) > now:
+                continue
+            derived = replace(
+                decision,
+                target_kind=TargetKind.ADDRESS,
+                target=str(client),
+                ttl_s=expiry - now,
+                reason=f"{decision.reason} (as {target})",
+            )
+            if self._verdicts is not None:
+                _write(self._verdicts, derived)
+            written[client] = expiry
+            self.applied.append(derived)
+            made.append(derived)
+        return made
+
+    def _ja4_allowed(self, ja4: str, client: IPAddress, now: float) -> bool:
+        return any(
+            expiry > now and d.action is Action.ALLOW and _covers_source(d, client, ja4)
+            for expiry, d in self._by_source.values()
+        )
+
+    def by_source(self) -> dict[str, Decision]:
+        """Live decisions written per address as addresses show themselves."""
+        now = self._clock_s()
+        return {t: d for t, (exp, d) in self._by_source.items() if exp > now}
 
     def exempt(self, client: IPAddress) -> None:
         """Lets a spared client's hellos pass blocked keys (renewed at half life)."""
@@ -269,19 +329,49 @@ class Enforcer:
             if exp > now
         }
 
-    def revoke(self, target: str) -> None:
+    def revoke(self, target: str) -> list[IPAddress]:
         """Undoes every verdict on a target at once (feedback: a false positive):
-        a JA4 (with its hello keys), a flow, an address or a CIDR."""
+        a JA4 (with its hello keys), a flow, an address or a CIDR, and the
+        address verdicts written for it as its addresses showed themselves.
+        Returns those addresses: whatever else stands on them goes back in
+        through the caller (ControlPlane._unenforce)."""
+        cleared = self.revoke_by_source(target)
         if self._verdicts is not None and "->" in target:
             self._verdicts.unblock_flow(_parse_flow(target))
-            return
+            return cleared
         try:
             ipaddress.ip_network(target, strict=False)
         except ValueError:
             self._revoke_ja4(target)
-            return
+            return cleared
         if self._verdicts is not None:
             self._verdicts.unblock(target)
+        return cleared
+
+    def revoke_by_source(self, target: str) -> list[IPAddress]:
+        """Takes back a by-source decision and the address verdicts written for
+        it (an allow its allows; a throttle or tarpit every block, throttle and
+        tarpit on those addresses: the caller puts back what else stands).
+        Returns the addresses."""
+        entry = self._by_source.pop(target, None)
+        written = self._derived.pop(target, {})
+        if entry is None:
+            return []
+        decision = entry[1]
+        for addr in written:
+            if self._verdicts is not None:
+                if decision.action is Action.ALLOW:
+                    self._verdicts.disallow(str(addr))
+                else:
+                    self._verdicts.unblock(str(addr))
+            # What else by-source stood on the address in the maps just
+            # cleared (an allow's, or a throttle's and a tarpit's) is written
+            # again at the address's next sight.
+            for other_target, others in self._derived.items():
+                other = self._by_source.get(other_target)
+                if other and (other[1].action is Action.ALLOW) == (decision.action is Action.ALLOW):
+                    others.pop(addr, None)
+        return list(written)
 
     def _revoke_ja4(self, target: str) -> None:
         ja4, scope = parse_ja4_target(target)
@@ -305,6 +395,24 @@ def parse_ja4_target(target: str) -> tuple[str, Scope]:
     """ "<ja4>" or "<ja4>@<address or CIDR>" -> (ja4, the network it is limited to)."""
     ja4, _, scope = target.partition("@")
     return ja4, ipaddress.ip_network(scope, strict=False) if scope else None
+
+
+def is_by_source(decision: Decision) -> bool:
+    """A decision the kernel holds per address only (see the module's docstring)."""
+    if decision.target_kind is TargetKind.JA4:
+        return decision.action in (Action.ALLOW, Action.THROTTLE, Action.TARPIT)
+    if decision.target_kind is TargetKind.CIDR:
+        return decision.action in (Action.THROTTLE, Action.TARPIT)
+    return False
+
+
+def _covers_source(decision: Decision, client: IPAddress, ja4: str | None) -> bool:
+    """Whether a by-source decision applies to this address (with this JA4, at
+    a hello; a JA4 decision never applies at a SYN, which shows none)."""
+    if decision.target_kind is TargetKind.CIDR:
+        return client in ipaddress.ip_network(decision.target, strict=False)
+    wanted, scope = parse_ja4_target(decision.target)
+    return ja4 == wanted and (scope is None or client in scope)
 
 
 def _write(verdicts: VerdictMaps, d: Decision) -> None:

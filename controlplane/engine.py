@@ -269,6 +269,9 @@ class Engine:
         if fp.tcp_signature:
             profile.tcp = fp.tcp_signature
         if isinstance(obs, Connection):
+            if obs.stage in (ConnectionStage.SYN, ConnectionStage.HELLO):
+                # JA4 and CIDR decisions the kernel holds per address
+                self.enforcer.on_source(obs.client, fp.ja4)
             if obs.stage is ConnectionStage.HELLO:
                 spared = self.policy.spared_from_ja4_verdicts(addr, profile.user_agent)
                 made = self.enforcer.on_connection(obs, spared=spared)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from controlplane.decisions import Action, Decision, TargetKind
-from controlplane.enforce import Enforcer
+from controlplane.enforce import Enforcer, is_by_source
 from sensor.abi import VerdictKind
 from sensor.errors import BotwallError
 from sensor.events import Flow
@@ -74,16 +74,16 @@ BUSY_TIMEOUT_S: Final = 10.0
 _JA4 = re.compile(r"[A-Za-z0-9]{10}_[0-9a-f]{12}_[0-9a-f]{12}")
 _MODEL_KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
-# Which targets each action can be enforced on. The kernel never sees a JA4,
-# so a JA4 can only have its new flows blocked (the Enforcer does it at the
-# ClientHello); an allow, throttle or tarpit on one would silently become a
-# block, and a throttle or tarpit is a per-source bucket the kernel keys by
-# address only.
+# Which targets each action can be enforced on. The kernel never sees a JA4:
+# a JA4 block becomes hello keys and flow blocks, and an allow, throttle or
+# tarpit on a JA4 (like a throttle or tarpit on a CIDR, whose buckets the
+# kernel keys by address only) becomes address verdicts as addresses show
+# themselves (enforce.is_by_source). A flow can only be blocked.
 _TARGETS_OF: Final[dict[Action, frozenset[TargetKind]]] = {
-    Action.ALLOW: frozenset({TargetKind.ADDRESS, TargetKind.CIDR}),
+    Action.ALLOW: frozenset({TargetKind.ADDRESS, TargetKind.CIDR, TargetKind.JA4}),
     Action.MONITOR: frozenset(TargetKind),
-    Action.THROTTLE: frozenset({TargetKind.ADDRESS}),
-    Action.TARPIT: frozenset({TargetKind.ADDRESS}),
+    Action.THROTTLE: frozenset({TargetKind.ADDRESS, TargetKind.CIDR, TargetKind.JA4}),
+    Action.TARPIT: frozenset({TargetKind.ADDRESS, TargetKind.CIDR, TargetKind.JA4}),
     Action.BLOCK: frozenset({TargetKind.ADDRESS, TargetKind.CIDR, TargetKind.JA4}),
     Action.BLOCK_FLOW: frozenset({TargetKind.FLOW, TargetKind.JA4}),
 }
@@ -1343,13 +1343,14 @@ class ReconcileReport:
     removed: int = 0  # kernel entries no live decision stood behind
     skipped_expired: int = 0  # live decisions whose TTL ran out before their write
     not_enforced: int = 0  # live MONITOR decisions: recorded, never in the kernel
-    # Live JA4 decisions with the TTL they have left, for Enforcer.apply: the
-    # kernel cannot hold a JA4, only the flow blocks the Enforcer derives.
-    ja4_decisions: list[Decision] = field(default_factory=list)
+    # Live decisions no kernel map holds as such, with the TTL they have left,
+    # for Enforcer.apply: JA4 verdicts (hello keys and flow blocks), and
+    # throttles and tarpits on a CIDR (address verdicts, as addresses show up).
+    enforcer_decisions: list[Decision] = field(default_factory=list)
 
     @property
-    def ja4(self) -> int:
-        return len(self.ja4_decisions)
+    def by_enforcer(self) -> int:
+        return len(self.enforcer_decisions)
 
 
 KernelKey = tuple[VerdictKind, str]
@@ -1359,9 +1360,11 @@ ENFORCER_KINDS = (VerdictKind.BLOCK_HELLO, VerdictKind.HELLO_EXEMPT)
 
 
 def kernel_key(decision: Decision) -> KernelKey | None:
-    """The one kernel entry a (canonical) decision becomes, None for JA4 and monitor."""
+    """The one kernel entry a (canonical) decision becomes; None for a JA4, a
+    monitor, and a throttle or tarpit on a CIDR, which the Enforcer writes
+    per address (enforce.is_by_source)."""
     kind, action = decision.target_kind, decision.action
-    if kind is TargetKind.JA4 or action is Action.MONITOR:
+    if kind is TargetKind.JA4 or action is Action.MONITOR or is_by_source(decision):
         return None
     cidr = kind is TargetKind.CIDR
     verdict_kind = {
@@ -1396,8 +1399,8 @@ def reconcile(store: Store, verdicts: VerdictMaps, now: float | None = None) -> 
             report.not_enforced += 1
             continue
         key = kernel_key(record.decision)
-        if key is None:  # a JA4
-            report.ja4_decisions.append(record.with_remaining_ttl(start))
+        if key is None:  # the Enforcer's (see ReconcileReport)
+            report.enforcer_decisions.append(record.with_remaining_ttl(start))
             continue
         held = wanted.get(key)
         if held is None or record.expires_at > held.expires_at:

@@ -5,6 +5,7 @@ of a namespace topology, with its state dir in tmp_path and its API on a free
 loopback port. A manual block made over HTTP must stop the client's TCP
 connects; revoking it must let them through; a JA4 block must stop the
 client's next TLS handshake in the kernel, and its revocation let it through;
+a tarpit on the client's CIDR must delay its connects by a retransmission;
 SIGTERM must stop the agent cleanly (exit 0, XDP detached) with the decision
 and its audit rows on disk.
 """
@@ -167,6 +168,22 @@ def test_block_and_unblock_through_the_api(tmp_path: Path) -> None:
                 assert api.delete(f"/v1/decisions/{made.json()['id']}").status_code == 200
                 assert api.get("/v1/stats").json()["hello_keys"] == {}
                 assert _curl(topo).ok
+
+                # A tarpit on a CIDR: the kernel keys tarpits by address, so
+                # the agent writes one for each address it sees connect from
+                # the CIDR (this client, already known: at once), and every
+                # new connection costs a SYN retransmission (about 1 s).
+                cidr = f"{topo.client_v4}/24"
+                made = api.post(
+                    "/v1/decisions", json={"action": "tarpit", "target": cidr, "ttl_s": 120}
+                )
+                assert made.status_code == 201, made.text
+                delayed = clients.tcp_connect(topo, topo.server_v4, TLS_PORT, timeout=5.0)
+                assert delayed.ok and delayed.elapsed >= 0.9, delayed
+                assert api.get("/v1/stats").json()["kernel"]["drop_tarpit"] >= 1
+                assert api.delete(f"/v1/decisions/{made.json()['id']}").status_code == 200
+                quick = clients.tcp_connect(topo, topo.server_v4, TLS_PORT, timeout=5.0)
+                assert quick.ok and quick.elapsed < 0.5, quick
 
             agent.send_signal(signal.SIGTERM)
             _, err = agent.communicate(timeout=30)

@@ -181,6 +181,11 @@ def test_decision_roundtrip_is_persisted(api: Api) -> None:
         ({"action": "throttle", "target": "2001:db8::1", "ttl_s": 30}, "addr"),
         ({"action": "tarpit", "target": CLIENT, "tarpit_syns": 2}, "addr"),
         ({"action": "block", "target": "t13d1516h2_8daaf6152771_02713d6af862"}, "ja4"),
+        ({"action": "allow", "target": "t13d1516h2_8daaf6152771_02713d6af862"}, "ja4"),
+        ({"action": "throttle", "target": "t13d1516h2_8daaf6152771_02713d6af862"}, "ja4"),
+        ({"action": "tarpit", "target": "t13d1516h2_8daaf6152771_02713d6af862"}, "ja4"),
+        ({"action": "throttle", "target": "203.0.113.0/24"}, "cidr"),
+        ({"action": "tarpit", "target": "2001:db8::/64", "tarpit_syns": 2}, "cidr"),
     ],
 )
 def test_decision_kinds(api: Api, body: dict[str, object], kind: str) -> None:
@@ -207,8 +212,7 @@ def test_ja4_block_is_held_by_the_enforcer_until_revoked(api: Api) -> None:
         ({"action": "block", "target": CLIENT, "ttl_s": -5}, "-5"),
         ({"action": "block", "target": CLIENT, "ttl_s": 1e12}, "1000000000000"),
         ({"action": "explode", "target": CLIENT}, "explode"),
-        ({"action": "tarpit", "target": "10.0.0.0/8"}, "10.0.0.0/8"),
-        ({"action": "allow", "target": "t13d1516h2_8daaf6152771_02713d6af862"}, "allow"),
+        ({"action": "allow", "target": "192.0.2.1:5000->192.0.2.2:443"}, "->192.0.2.2"),
         ({"action": "block", "target": CLIENT, "reason": "two\nlines"}, "reason"),
         ({"action": "block"}, "target"),
     ],

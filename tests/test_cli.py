@@ -191,11 +191,18 @@ def test_block_posts_a_decision(agent: StubAgent) -> None:
     assert result.stdout == "block 10.0.0.9 for 60 s (decision d-42)\n"
 
 
-def test_block_a_ja4_and_allow_a_cidr(agent: StubAgent) -> None:
+def test_block_a_ja4_and_allow_a_cidr_and_a_ja4(agent: StubAgent) -> None:
     agent.routes[("POST", "/v1/decisions")] = (201, {"id": 1})
     ja4 = "t13d1715h2_5b57614c22b0_3d5424432f57"
     assert_clean_exit(botwall("block", ja4, url=agent.url), 0)
     assert_clean_exit(botwall("allow", "192.0.2.0/24", url=agent.url), 0)
+    assert_clean_exit(botwall("allow", ja4, url=agent.url), 0)
+    assert agent.json_body(2) == {
+        "action": "allow",
+        "target": ja4,
+        "ttl_s": 86400.0,
+        "reason": "manual: botwall allow",
+    }
     assert agent.json_body(0) == {
         "action": "block",
         "target": ja4,
@@ -214,9 +221,6 @@ def test_bad_targets_are_refused_here(agent: StubAgent) -> None:
     bad = botwall("block", "not-a-target", url=agent.url)
     assert_clean_exit(bad, 2)
     assert bad.stderr == "botwall: not an address, CIDR or JA4: 'not-a-target'\n"
-    ja4_allow = botwall("allow", "t13d1715h2_5b57614c22b0_3d5424432f57", url=agent.url)
-    assert_clean_exit(ja4_allow, 2)
-    assert "allow takes an address or a CIDR, not a JA4" in ja4_allow.stderr
     assert agent.seen == []
 
 

@@ -247,3 +247,91 @@ def test_revoking_the_ja4_takes_its_keys_back(
     # The keys go, and nothing else: a JA4 is no address.
     assert [c[0] for c in maps.calls[-1:]] == ["unblock_hello"]
     assert enforcer.kernel_hello_keys() == {}
+
+
+# ---- JA4 and CIDR decisions the kernel holds per address ----
+
+
+def _ip(text: str) -> Any:
+    return ipaddress.ip_address(text)
+
+
+def test_a_cidr_throttle_is_written_once_per_address_as_it_shows_up(
+    setup: tuple[Enforcer, RecordingMaps, Clock],
+) -> None:
+    enforcer, maps, clock = setup
+    throttle = decision(
+        Action.THROTTLE, TargetKind.CIDR, "10.9.0.0/24", throttle_connections_per_s=1.0
+    )
+    enforcer.apply(throttle)
+    assert maps.calls == []  # no map holds a CIDR throttle
+    [made] = enforcer.on_source(_ip("10.9.0.5"))
+    assert (made.action, made.target_kind, made.target) == (
+        Action.THROTTLE, TargetKind.ADDRESS, "10.9.0.5",
+    )  # fmt: skip
+    assert maps.calls == [
+        ("throttle", ("10.9.0.5", 60.0, "test: test reason (as 10.9.0.0/24)"),
+         {"connections_per_s": 1.0, "connection_burst": 2, "packets_per_s": 0.0,
+          "packet_burst": 1}),
+    ]  # fmt: skip
+    # Its next connections leave its buckets alone; other sources get nothing.
+    clock.now += 10
+    assert enforcer.on_source(_ip("10.9.0.5")) == []
+    assert enforcer.on_source(_ip("10.9.1.5")) == []
+    assert enforcer.on_source(_ip("2001:db8::5"), JA4) == []
+    # Another address, later: what is left of the decision's TTL.
+    [later] = enforcer.on_source(_ip("10.9.0.6"))
+    assert later.ttl_s == pytest.approx(50.0)
+    clock.now += 51
+    assert enforcer.on_source(_ip("10.9.0.7")) == []
+    assert enforcer.by_source() == {}
+
+
+def test_a_ja4_tarpit_is_written_at_the_hello_not_the_syn(
+    setup: tuple[Enforcer, RecordingMaps, Clock],
+) -> None:
+    enforcer, maps, _ = setup
+    enforcer.apply(decision(Action.TARPIT, TargetKind.JA4, f"{JA4}@10.201.1.0/24", tarpit_syns=2))
+    assert enforcer.on_source(_ip("10.201.1.7")) == []  # a SYN shows no JA4
+    assert enforcer.on_source(_ip("10.201.1.7"), "t13d0000_other") == []
+    assert enforcer.on_source(_ip("10.201.2.7"), JA4) == []  # outside the scope
+    [made] = enforcer.on_source(_ip("10.201.1.7"), JA4)
+    assert made.target == "10.201.1.7"
+    assert [(c[0], c[1][0], c[2]) for c in maps.calls] == [
+        ("tarpit", "10.201.1.7", {"syns_to_drop": 2})
+    ]
+
+
+def test_a_ja4_allow_spares_its_clients_from_a_ja4_block(
+    setup: tuple[Enforcer, RecordingMaps, Clock],
+) -> None:
+    enforcer, maps, _ = setup
+    enforcer.apply(decision(Action.BLOCK_FLOW, TargetKind.JA4, JA4))
+    enforcer.apply(decision(Action.ALLOW, TargetKind.JA4, f"{JA4}@10.201.3.0/24"))
+    assert enforcer.on_connection(hello("10.201.3.3", 40005, key=KEY)) is None
+    assert enforcer.on_connection(hello("10.201.1.7", 40001, key=KEY)) is not None
+    [allowed] = enforcer.on_source(_ip("10.201.3.3"), JA4)
+    assert allowed.action is Action.ALLOW
+    assert [c[0] for c in maps.calls] == ["exempt_hello", "block_hello", "block_flow", "allow"]
+
+
+def test_revoking_a_by_source_decision_takes_its_address_verdicts_back(
+    setup: tuple[Enforcer, RecordingMaps, Clock],
+) -> None:
+    enforcer, maps, _ = setup
+    enforcer.apply(decision(Action.TARPIT, TargetKind.CIDR, "10.9.0.0/24", tarpit_syns=1))
+    enforcer.apply(decision(Action.ALLOW, TargetKind.JA4, JA4))
+    enforcer.on_source(_ip("10.9.0.5"), JA4)
+    enforcer.on_source(_ip("10.9.0.6"))
+    maps.calls.clear()
+    assert enforcer.revoke("10.9.0.0/24") == [_ip("10.9.0.5"), _ip("10.9.0.6")]
+    assert maps.calls == [
+        ("unblock", ("10.9.0.5",), {}),
+        ("unblock", ("10.9.0.6",), {}),
+        ("unblock", ("10.9.0.0/24",), {}),
+    ]
+    maps.calls.clear()
+    assert enforcer.revoke_by_source(JA4) == [_ip("10.9.0.5")]
+    assert maps.calls == [("disallow", ("10.9.0.5",), {})]
+    assert enforcer.by_source() == {}
+    assert enforcer.on_source(_ip("10.9.0.5"), JA4) == []

@@ -277,22 +277,16 @@ def test_targets_are_stored_in_the_form_the_kernel_lists(
             "not a flow",
         ),
         (
-            decision(Action.THROTTLE, TargetKind.JA4, JA4),
+            decision(Action.THROTTLE, TargetKind.FLOW, "10.0.0.1:5->10.0.0.2:443"),
             "manual",
             "cli",
-            f"a throttle decision cannot target a JA4 \\(ja4 '{JA4}'\\), only an address",
+            r"a throttle decision cannot target a flow .*, only an address or a CIDR or a JA4",
         ),
         (
-            decision(Action.ALLOW, TargetKind.JA4, JA4),
+            decision(Action.ALLOW, TargetKind.FLOW, "10.0.0.1:5->10.0.0.2:443"),
             "manual",
             "cli",
-            "an allow decision|allow decision cannot target a JA4 .*, only an address or a CIDR",
-        ),
-        (
-            decision(Action.TARPIT, TargetKind.CIDR, "10.0.0.0/8"),
-            "manual",
-            "cli",
-            r"a tarpit decision cannot target a CIDR \(cidr '10\.0\.0\.0/8'\), only an address",
+            r"an? allow decision cannot target a flow",
         ),
         (
             decision(Action.BLOCK_FLOW),
@@ -890,7 +884,12 @@ def test_reconcile_makes_the_maps_hold_exactly_the_live_decisions(
     maps.calls.clear()
     report = reconcile(store, maps)  # type: ignore[arg-type]
 
-    assert (report.written, report.removed, report.ja4, report.skipped_expired) == (6, 6, 1, 0)
+    assert (report.written, report.removed, report.by_enforcer, report.skipped_expired) == (
+        6,
+        6,
+        1,
+        0,
+    )
     assert report.not_enforced == 1
     assert {
         key: (round(exp - clock.now, 6), detail) for key, (exp, _, detail) in maps.entries.items()
@@ -913,7 +912,7 @@ def test_reconcile_makes_the_maps_hold_exactly_the_live_decisions(
     assert maps.entries[(VerdictKind.BLOCK, "192.0.2.10")][1] == (
         "block_high: scraper: 40 pages a second"
     )
-    [ja4] = report.ja4_decisions
+    [ja4] = report.enforcer_decisions
     assert (ja4.target, ja4.ttl_s, ja4.action) == (f"{JA4}@192.0.2.0/24", 380.0, Action.BLOCK_FLOW)
     # Removals come before writes: the live throttle, which the stale block's
     # unblock took with it, is back.
@@ -925,7 +924,7 @@ def test_reconcile_makes_the_maps_hold_exactly_the_live_decisions(
     # Reconciling again changes nothing but the TTLs.
     clock.now = T0 + 25
     again = reconcile(store, maps)  # type: ignore[arg-type]
-    assert (again.written, again.removed, again.ja4) == (6, 0, 1)
+    assert (again.written, again.removed, again.by_enforcer) == (6, 0, 1)
     assert {k for k in maps.entries} == {
         kernel_key(r.decision) for r in store.live_decisions() if kernel_key(r.decision)
     }
@@ -983,7 +982,7 @@ def test_reconcile_against_the_real_maps(tmp_path: Path) -> None:
         clock.now = time.time()
         report = reconcile(store, verdicts)
         now = time.time()
-        assert (report.written, report.removed, report.ja4) == (6, 5, 1)
+        assert (report.written, report.removed, report.by_enforcer) == (6, 5, 1)
 
         listed = {(e.kind, e.target): e for e in verdicts.list()}
         live = {r.id: r for r in store.live_decisions()}

@@ -283,7 +283,7 @@ def test_after_a_sigkill_reconcile_makes_the_kernel_match_the_store(tmp_path: Pa
             for key, remaining in expected.items():
                 assert listed[key].expires_in_s == pytest.approx(remaining, abs=2.0), key
             assert report.written == len(expected)
-            assert report.ja4 == sum(r.decision.target_kind is TargetKind.JA4 for r in live)
+            assert report.by_enforcer == sum(r.decision.target_kind is TargetKind.JA4 for r in live)
             assert report.removed == len(left - set(expected))
             assert report.removed >= 1
     finally:

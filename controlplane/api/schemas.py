@@ -66,14 +66,6 @@ class DecisionIn(_Strict):
     def _reason(cls, value: str) -> str:
         return _one_line(value, "reason")
 
-    @model_validator(mode="after")
-    def _fits(self) -> DecisionIn:
-        if "_" in self.target and self.action != "block":
-            raise ValueError(f"a JA4 target can only be blocked, not {self.action}")
-        if "/" in self.target and "_" not in self.target and self.action in ("throttle", "tarpit"):
-            raise ValueError(f"a {self.action} applies to an address, not a CIDR ({self.target})")
-        return self
-
 
 class FeedbackIn(_Strict):
     subject_kind: SubjectKind = "addr"
