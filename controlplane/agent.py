@@ -215,6 +215,8 @@ class ControlPlane:
             self.scorer,
         )
         self.store_errors = 0
+        # Set by the Agent: asks its loop to detach and stop (POST /v1/detach).
+        self.on_detach: Callable[[str, bool], None] | None = None
         self._load_learning_state()
 
     def _load_learning_state(self) -> None:
@@ -647,6 +649,15 @@ class ControlPlane:
 
     # ---- housekeeping ----
 
+    def request_detach(self, actor: str, *, keep_verdicts: bool = False) -> bool:
+        """Asks the agent to take its programs off and stop (and, unless
+        keep_verdicts, to remove its pinned verdicts); False without an agent."""
+        if self.on_detach is None:
+            return False
+        self.store.audit(actor, "agent.detach", "agent", {"keep_verdicts": keep_verdicts})
+        self.on_detach(actor, keep_verdicts)
+        return True
+
     def close(self) -> None:
         self.learning.stop(timeout=5)
         self.store.close()
@@ -784,6 +795,18 @@ class Agent:
             self.sensor.close()
             raise
         self.api: ApiServer | None = None
+        # POST /v1/detach: the loop stops, close() removes everything.
+        self._detach = threading.Event()
+        self._keep_verdicts = True
+        self.plane.on_detach = self._request_detach
+
+    def _request_detach(self, _actor: str, keep_verdicts: bool) -> None:
+        self._keep_verdicts = keep_verdicts
+        self._detach.set()
+
+    @property
+    def detaching(self) -> bool:
+        return self._detach.is_set()
 
     def _counters(self) -> dict[str, int]:
         return {c.name.lower(): n for c, n in self.sensor.counters().items()}
@@ -813,7 +836,7 @@ class Agent:
         next_allow = time.monotonic() + self._allow_renew_s()
         next_snapshot = time.monotonic() + SNAPSHOT_EVERY_S
         next_tick = 0.0
-        while not stop():
+        while not stop() and not self._detach.is_set():
             events = self.source.poll(POLL_MS)
             now = time.clock_gettime(time.CLOCK_MONOTONIC)
             with self.plane.lock:
@@ -843,7 +866,8 @@ class Agent:
         return max(self.plane.policy_engine.policy.config.allow.ttl_s / 2, 1.0)
 
     def close(self) -> None:
-        """Detaches; the pinned verdicts stay until their TTL (fail open, keep enforcing)."""
+        """Detaches; the pinned verdicts stay until their TTL (fail open, keep
+        enforcing), unless POST /v1/detach asked for them to go too."""
         if self.api is not None:
             self.api.stop()
         for attachment in list(self.sensor.attachments):
@@ -853,6 +877,11 @@ class Agent:
                 log.error("audit of detach failed: %s", exc)
         self.sensor.close()
         self.source.close()
+        if self._detach.is_set() and not self._keep_verdicts:
+            from sensor.loader import remove_pins
+
+            remove_pins(self.settings.pin_dir)
+            log.info("removed the pinned verdict maps in %s", self.settings.pin_dir)
         self.plane.close()
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -681,14 +682,31 @@ def detach(
     keep_verdicts: Annotated[
         bool, typer.Option("--keep-verdicts", help="leave the pinned verdict maps in place")
     ] = False,
+    api: ApiUrl = None,
+    token: Token = None,
+    state_dir: StateDir = None,
 ) -> None:
-    """Remove botwall's XDP and tc programs from interfaces (root), and its verdicts.
+    """Remove botwall's XDP and tc programs from interfaces, and its verdicts.
 
-    For a host where the agent died and its programs stayed attached. Without
-    --iface every interface in the namespace is cleaned; there the clsact
-    qdisc is left, since another tool may use it. Unless --keep-verdicts, the
-    pinned verdict maps are deleted too: every verdict is gone for good.
+    A running agent is asked through its admin API: it detaches, removes its
+    pinned verdicts (unless --keep-verdicts) and stops. With no agent
+    answering (it died and its programs stayed attached) the programs are
+    removed here, as root: without --iface from every interface in the
+    namespace, where the clsact qdisc is left, since another tool may use it.
     """
+    from controlplane.client import AdminClient, ApiError, discover
+
+    with AdminClient(discover(api, token, state_dir)) as client:
+        if client.running():
+            try:
+                client.detach(keep_verdicts)
+            except ApiError as exc:
+                raise fail(str(exc)) from None
+            _wait_stopped(client)
+            typer.echo(f"the agent at {client.endpoint.url} detached and stopped")
+            if not keep_verdicts:
+                typer.echo("it removed its pinned verdict maps")
+            return
     if os.geteuid() != 0:
         raise fail("botwall detach needs root (CAP_NET_ADMIN, CAP_BPF): run it with sudo")
     from sensor.errors import SensorError
@@ -711,6 +729,18 @@ def detach(
         raise fail(str(exc)) from None
     except OSError as exc:
         raise fail(f"{exc.filename or pin_dir}: {exc.strerror}") from None
+
+
+AGENT_STOP_TIMEOUT_S = 30.0
+
+
+def _wait_stopped(client: Any) -> None:
+    """Until the agent no longer answers, or fail after AGENT_STOP_TIMEOUT_S."""
+    deadline = time.monotonic() + AGENT_STOP_TIMEOUT_S
+    while client.running():
+        if time.monotonic() > deadline:
+            raise fail(f"the agent at {client.endpoint.url} still answers: is it stuck?")
+        time.sleep(0.2)
 
 
 def _interfaces(netns: str | None) -> list[str]:

@@ -149,6 +149,19 @@ class AdminClient:
     def promote(self, version: str) -> Any:
         return self._call("POST", f"/v1/models/{_segment(version)}/promote")
 
+    def detach(self, keep_verdicts: bool) -> Any:
+        return self._call(
+            "POST", "/v1/detach", params={"keep_verdicts": "true" if keep_verdicts else "false"}
+        )
+
+    def running(self) -> bool:
+        """Whether an agent answers at the endpoint (its /healthz)."""
+        try:
+            self._http.get("/healthz", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return True
+
     # ---- plumbing ----
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:

@@ -75,6 +75,18 @@ def _client_ja4(api: httpx.Client, addr: str, timeout_s: float = 10.0) -> str:
     raise AssertionError(f"the agent never reported a JA4 for {addr}")
 
 
+def _start_agent(topo: Topology, state: Path, port: int, pin_dir: str) -> subprocess.Popen[str]:
+    argv = [
+        sys.executable, "-m", "controlplane.agent",
+        "--iface", topo.server_if, "--netns", topo.server_ns,
+        "--xdp-mode", "native", "--tls-port", str(TLS_PORT),
+        "--state-dir", str(state), "--api-port", str(port), "--pin-dir", pin_dir,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
 def test_block_and_unblock_through_the_api(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("kernel tests need root: they load eBPF programs and build namespaces")
@@ -85,15 +97,7 @@ def test_block_and_unblock_through_the_api(tmp_path: Path) -> None:
     agent: subprocess.Popen[str] | None = None
     try:
         with Topology() as topo, TlsServer(topo, TLS_PORT):
-            argv = [
-                sys.executable, "-m", "controlplane.agent",
-                "--iface", topo.server_if, "--netns", topo.server_ns,
-                "--xdp-mode", "native", "--tls-port", str(TLS_PORT),
-                "--state-dir", str(state), "--api-port", str(port), "--pin-dir", pin_dir,
-            ]  # fmt: skip
-            agent = subprocess.Popen(
-                argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
+            agent = _start_agent(topo, state, port, pin_dir)
             _wait_healthy(agent, base)
             assert _xdp_attached(topo)
 
@@ -199,6 +203,55 @@ def test_block_and_unblock_through_the_api(tmp_path: Path) -> None:
             assert audit == ["decision.revoke", "decision.create"]
             attach = [a.action for a in store.audit_log() if a.action.startswith("sensor.")]
             assert attach == ["sensor.detach", "sensor.attach"]
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+            agent.communicate(timeout=10)
+        remove_pins(pin_dir)
+
+
+def test_detach_asks_the_running_agent(tmp_path: Path) -> None:
+    """`botwall detach` with an agent running goes through its admin API: the
+    agent takes its programs off, removes its pinned verdicts and stops."""
+    if os.geteuid() != 0:
+        pytest.fail("kernel tests need root: they load eBPF programs and build namespaces")
+    pin_dir = _pin_dir()
+    state = tmp_path / "state"
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    agent: subprocess.Popen[str] | None = None
+    try:
+        with Topology() as topo, TlsServer(topo, TLS_PORT):
+            agent = _start_agent(topo, state, port, pin_dir)
+            _wait_healthy(agent, base)
+            token = (state / "admin.token").read_text().strip()
+            blocked = httpx.post(
+                f"{base}/v1/decisions",
+                json={"action": "block", "target": topo.client_v4, "ttl_s": 600},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert blocked.status_code == 201, blocked.text
+            assert os.path.isdir(pin_dir)
+
+            done = subprocess.run(
+                [sys.executable, "-m", "controlplane.cli", "detach",
+                 "--api", base, "--state-dir", str(state)],
+                cwd=REPO, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert done.stdout == (
+                f"the agent at {base} detached and stopped\nit removed its pinned verdict maps\n"
+            )
+            _, err = agent.communicate(timeout=30)
+            assert agent.returncode == 0, err[-2000:]
+            assert not _xdp_attached(topo)
+            assert not os.path.exists(pin_dir)
+            # The block went with the maps: the client connects again.
+            assert clients.tcp_connect(topo, topo.server_v4, TLS_PORT, timeout=2.0).ok
+
+        with Store(state / DB_NAME) as store:
+            [asked] = [a for a in store.audit_log() if a.action == "agent.detach"]
+            assert asked.actor.startswith("api") and asked.details == {"keep_verdicts": False}
     finally:
         if agent is not None and agent.poll() is None:
             agent.kill()

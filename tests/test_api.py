@@ -77,6 +77,7 @@ PROTECTED = [
     ("GET", "/v1/models/drift"),
     ("POST", "/v1/models/v1/promote"),
     ("GET", "/metrics"),
+    ("POST", "/v1/detach"),
 ]
 
 
@@ -390,6 +391,12 @@ def test_drift_route_and_metric(api: Api) -> None:
         x for x in metrics.splitlines() if 'botwall_feature_psi{feature="login_share"}' in x
     )
     assert float(line.split()[-1]) == pytest.approx(body["psi"]["login_share"])
+
+
+def test_detach_without_an_agent_is_409(api: Api) -> None:
+    r = api.http.post("/v1/detach")
+    assert r.status_code == 409
+    assert "without a sensor" in r.json()["message"]
 
 
 def test_openapi_docs(api: Api) -> None:

@@ -466,12 +466,27 @@ def test_replay_missing_capture(tmp_path: Path) -> None:
     assert result.stderr.startswith("botwall: ") and "none.pcap" in result.stderr
 
 
-# ---- detach: root only; the kernel work is sensor.loader's ----
+# ---- detach: a running agent through its API, else here as root (sensor.loader) ----
+
+NO_AGENT = "http://127.0.0.1:1"  # nothing listens there: detach works locally
+
+
+def test_detach_asks_a_running_agent_first(agent: StubAgent) -> None:
+    agent.routes[("POST", "/v1/detach?keep_verdicts=false")] = (
+        409, {"message": "nothing to detach here"},
+    )  # fmt: skip
+    result = botwall("detach", url=agent.url)
+    assert_clean_exit(result, 2)
+    assert result.stderr == "botwall: nothing to detach here\n"
+    assert [(s.method, s.path) for s in agent.seen] == [
+        ("GET", "/healthz"),
+        ("POST", "/v1/detach?keep_verdicts=false"),
+    ]
 
 
 def test_detach_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.geteuid", lambda: 1000)
-    result = botwall("detach", "--iface", "eth0")
+    result = botwall("detach", "--iface", "eth0", url=NO_AGENT)
     assert_clean_exit(result, 2)
     assert result.stderr == (
         "botwall: botwall detach needs root (CAP_NET_ADMIN, CAP_BPF): run it with sudo\n"
@@ -496,7 +511,7 @@ def fake_loader(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
 def test_detach_interfaces_and_pins(fake_loader: list[tuple[Any, ...]], tmp_path: Path) -> None:
     result = botwall(
         "detach", "--iface", "eth0", "--iface", "eth1", "--netns", "lab", "--pin-dir",
-        str(tmp_path),
+        str(tmp_path), url=NO_AGENT,
     )  # fmt: skip
     assert_clean_exit(result, 0)
     assert fake_loader == [
@@ -512,7 +527,7 @@ def test_detach_interfaces_and_pins(fake_loader: list[tuple[Any, ...]], tmp_path
 
 
 def test_detach_keeps_verdicts(fake_loader: list[tuple[Any, ...]]) -> None:
-    result = botwall("detach", "--iface", "eth0", "--keep-verdicts")
+    result = botwall("detach", "--iface", "eth0", "--keep-verdicts", url=NO_AGENT)
     assert_clean_exit(result, 0)
     assert fake_loader == [("detach", "eth0", None, True)]
 

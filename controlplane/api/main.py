@@ -23,6 +23,7 @@ from controlplane.agent import ControlPlane
 from controlplane.api.routes import (
     clients,
     decisions,
+    detach,
     events,
     feedback,
     health,
@@ -98,6 +99,7 @@ def create_app(plane: ControlPlane, token: str) -> FastAPI:
     async def _store(_req: Request, exc: StoreError) -> JSONResponse:
         return _error(503, f"store unavailable: {exc}")
 
-    for module in (health, stats, clients, decisions, policy, feedback, events, models, metrics):
+    routers = (health, stats, clients, decisions, policy, feedback, events, models, metrics, detach)
+    for module in routers:
         app.include_router(module.router)
     return app
