@@ -564,7 +564,43 @@ class ControlPlane:
                     features = _finite(self.engine.features.features(key, seen))
         else:
             members = self._labelled_members(subject_kind, subject)
-        record = self.store.add_label(subject_kind, subject, label, actor, note, features)
+        undoes = label in ("human", "good_bot")
+
+        def to_revoke(canonical: str) -> list[str]:
+            if not undoes:
+                return []
+            return [
+                live.id
+                for live in self.store.live_decisions()
+                if live.decision.action is not Action.ALLOW
+                and _covers(subject_kind, canonical, live.decision)
+            ]
+
+        def to_allow(canonical: str) -> Decision | None:
+            if not undoes or subject_kind not in ("addr", "cidr"):
+                return None
+            return Decision(
+                action=Action.ALLOW,
+                target_kind=TargetKind.ADDRESS if subject_kind == "addr" else TargetKind.CIDR,
+                target=canonical,
+                ttl_s=FEEDBACK_ALLOW_TTL_S,
+                reason=f"feedback: labelled {label} by {actor}",
+                rule="feedback",
+                score=0.0,
+                ts=time.clock_gettime(time.CLOCK_MONOTONIC),
+            )
+
+        # The label and what it undoes are one transaction: a crash leaves the
+        # whole of it or none, and the kernel follows (now, or at reconcile).
+        record, revoked, allowed = self.store.add_label_with_effects(
+            subject_kind, subject, label, actor, note, features,
+            revoke=to_revoke, allow=to_allow, revoke_reason=f"feedback: labelled {label}",
+        )  # fmt: skip
+        for gone in revoked:
+            self._unenforce(gone.decision)
+        if allowed is not None:
+            with self.lock:
+                self.enforcer.apply(allowed.decision)
         if features:
             self.training.add_feedback(features, label, key=("addr", record.subject))
         # A JA4, cluster or CIDR label teaches through its addresses. The
@@ -572,32 +608,13 @@ class ControlPlane:
         # change; the training set has them as of now.
         for addr, member_features in members.items():
             self.training.add_feedback(member_features, label, key=("addr", addr))
-        revoked: list[str] = []
-        allowed: str | None = None
-        if label in ("human", "good_bot"):
-            now = self.store.clock()
-            for live in self.store.live_decisions(now):
-                d = live.decision
-                if d.action is Action.ALLOW or not _covers(subject_kind, record.subject, d):
-                    continue
-                self.revoke(live.id, actor, f"feedback: labelled {label}")
-                revoked.append(live.id)
-            if subject_kind in ("addr", "cidr"):
-                allowed = self.add_decision(
-                    "allow",
-                    record.subject,
-                    FEEDBACK_ALLOW_TTL_S,
-                    f"feedback: labelled {label} by {actor}",
-                    actor,
-                    source="feedback",
-                ).id
         return {
             "label_id": record.id,
             "subject_kind": subject_kind,
             "subject": record.subject,
             "label": label,
-            "revoked": revoked,
-            "allow_decision": allowed,
+            "revoked": [r.id for r in revoked],
+            "allow_decision": None if allowed is None else allowed.id,
         }
 
     def _labelled_members(self, subject_kind: str, subject: str) -> dict[str, dict[str, float]]:

@@ -517,47 +517,51 @@ class Store:
         _check_choice("source", source, SOURCES)
         actor = _checked_text("actor", actor)
         now = self.clock()
-        records = [
-            DecisionRecord(
-                id=str(uuid.uuid4()),
-                decision=decision,
-                source=source,
-                actor=actor,
-                created_at=_iso(now),
-                created_epoch=now,
-                expires_at=now + decision.ttl_s,
-            )
-            for decision in checked
-        ]
+        records = [self._new_record(decision, source, actor, now) for decision in checked]
         with self._transaction() as tx:
             for record in records:
-                row = _decision_row(record)
-                tx.execute(
-                    f"INSERT INTO decisions ({', '.join(row)}) "
-                    f"VALUES ({', '.join('?' * len(row))})",
-                    tuple(row.values()),
-                )
-                d = record.decision
-                self._write_audit(
-                    tx,
-                    now,
-                    actor,
-                    "decision.create",
-                    f"decision:{record.id}",
-                    {
-                        "action": d.action.value,
-                        "target_kind": d.target_kind.value,
-                        "target": d.target,
-                        "ttl_s": d.ttl_s,
-                        "reason": d.reason,
-                        "rule": d.rule,
-                        "score": d.score,
-                        "model_versions": dict(d.model_versions),
-                        "shadow": d.shadow,
-                        "source": source,
-                    },
-                )
+                self._insert_decision(tx, now, record)
         return records
+
+    def _new_record(
+        self, decision: Decision, source: str, actor: str, now: float
+    ) -> DecisionRecord:
+        return DecisionRecord(
+            id=str(uuid.uuid4()),
+            decision=decision,
+            source=source,
+            actor=actor,
+            created_at=_iso(now),
+            created_epoch=now,
+            expires_at=now + decision.ttl_s,
+        )
+
+    def _insert_decision(self, tx: sqlite3.Connection, now: float, record: DecisionRecord) -> None:
+        row = _decision_row(record)
+        tx.execute(
+            f"INSERT INTO decisions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+            tuple(row.values()),
+        )
+        d = record.decision
+        self._write_audit(
+            tx,
+            now,
+            record.actor,
+            "decision.create",
+            f"decision:{record.id}",
+            {
+                "action": d.action.value,
+                "target_kind": d.target_kind.value,
+                "target": d.target,
+                "ttl_s": d.ttl_s,
+                "reason": d.reason,
+                "rule": d.rule,
+                "score": d.score,
+                "model_versions": dict(d.model_versions),
+                "shadow": d.shadow,
+                "source": record.source,
+            },
+        )
 
     def get_decision(self, decision_id: str) -> DecisionRecord:
         rows = self._query("SELECT * FROM decisions WHERE id = ?", (str(decision_id),))
@@ -611,25 +615,29 @@ class Store:
         reason = _checked_text("reason", reason)
         now = self.clock()
         with self._transaction() as tx:
-            row = tx.execute("SELECT * FROM decisions WHERE id = ?", (str(decision_id),)).fetchone()
-            if row is None:
-                raise DecisionNotFound(f"no decision with id {decision_id!r}")
-            record = _decision_from_row(row)
-            if record.revoked_at is not None:
-                return record
-            tx.execute(
-                "UPDATE decisions SET revoked_at = ?, revoked_by = ?, revoke_reason = ? "
-                "WHERE id = ?",
-                (now, actor, reason, record.id),
-            )
-            self._write_audit(
-                tx,
-                now,
-                actor,
-                "decision.revoke",
-                f"decision:{record.id}",
-                {"target": record.decision.target, "reason": reason},
-            )
+            return self._revoke(tx, now, decision_id, actor, reason)
+
+    def _revoke(
+        self, tx: sqlite3.Connection, now: float, decision_id: str, actor: str, reason: str
+    ) -> DecisionRecord:
+        row = tx.execute("SELECT * FROM decisions WHERE id = ?", (str(decision_id),)).fetchone()
+        if row is None:
+            raise DecisionNotFound(f"no decision with id {decision_id!r}")
+        record = _decision_from_row(row)
+        if record.revoked_at is not None:
+            return record
+        tx.execute(
+            "UPDATE decisions SET revoked_at = ?, revoked_by = ?, revoke_reason = ? WHERE id = ?",
+            (now, actor, reason, record.id),
+        )
+        self._write_audit(
+            tx,
+            now,
+            actor,
+            "decision.revoke",
+            f"decision:{record.id}",
+            {"target": record.decision.target, "reason": reason},
+        )
         return replace(record, revoked_at=now, revoked_by=actor, revoke_reason=reason)
 
     # ---- audit ----
@@ -691,29 +699,80 @@ class Store:
         checked = _checked_features(features) if features is not None else None
         now = self.clock()
         with self._transaction() as tx:
-            cursor = tx.execute(
-                "INSERT INTO labels (ts, at, subject_kind, subject, label, actor, note, features)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    now,
-                    _iso(now),
-                    subject_kind,
-                    subject,
-                    label,
-                    actor,
-                    note,
-                    None if checked is None else _json(checked, "features"),
-                ),
-            )
-            label_id = int(cursor.lastrowid or 0)
-            self._write_audit(
-                tx,
+            return self._insert_label(tx, now, subject_kind, subject, label, actor, note, checked)
+
+    def add_label_with_effects(
+        self,
+        subject_kind: str,
+        subject: str,
+        label: str,
+        actor: str,
+        note: str | None = None,
+        features: Mapping[str, float] | None = None,
+        *,
+        revoke: Callable[[str], Sequence[str]] = lambda _subject: (),
+        allow: Callable[[str], Decision | None] = lambda _subject: None,
+        revoke_reason: str = "feedback",
+    ) -> tuple[LabelRecord, list[DecisionRecord], DecisionRecord | None]:
+        """A label and what it undoes, in one transaction: the decisions
+        revoke(canonical subject) names are revoked and the decision
+        allow(canonical subject) returns is recorded (source "feedback"). A
+        crash leaves all of it or none. Returns (label, revoked, allow)."""
+        _check_choice("subject kind", subject_kind, SUBJECT_KINDS)
+        _check_choice("label", label, LABELS)
+        subject = canonical_subject(subject_kind, subject)
+        actor = _checked_text("actor", actor)
+        revoke_reason = _checked_text("reason", revoke_reason)
+        if note is not None:
+            note = _checked_text("note", note, allow_empty=True)
+        checked = _checked_features(features) if features is not None else None
+        wanted = allow(subject)
+        allowed = None if wanted is None else _checked_decision(wanted)
+        ids = list(revoke(subject))
+        now = self.clock()
+        with self._transaction() as tx:
+            record = self._insert_label(tx, now, subject_kind, subject, label, actor, note, checked)
+            revoked = [self._revoke(tx, now, i, actor, revoke_reason) for i in ids]
+            made = None
+            if allowed is not None:
+                made = self._new_record(allowed, "feedback", actor, now)
+                self._insert_decision(tx, now, made)
+        return record, revoked, made
+
+    def _insert_label(
+        self,
+        tx: sqlite3.Connection,
+        now: float,
+        subject_kind: str,
+        subject: str,
+        label: str,
+        actor: str,
+        note: str | None,
+        checked: dict[str, float] | None,
+    ) -> LabelRecord:
+        cursor = tx.execute(
+            "INSERT INTO labels (ts, at, subject_kind, subject, label, actor, note, features)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
                 now,
+                _iso(now),
+                subject_kind,
+                subject,
+                label,
                 actor,
-                "label.add",
-                f"{subject_kind}:{subject}",
-                {"label_id": label_id, "label": label, "note": note},
-            )
+                note,
+                None if checked is None else _json(checked, "features"),
+            ),
+        )
+        label_id = int(cursor.lastrowid or 0)
+        self._write_audit(
+            tx,
+            now,
+            actor,
+            "label.add",
+            f"{subject_kind}:{subject}",
+            {"label_id": label_id, "label": label, "note": note},
+        )
         return LabelRecord(
             label_id, now, _iso(now), subject_kind, subject, label, actor, note, checked
         )

@@ -1003,3 +1003,30 @@ def test_reconcile_against_the_real_maps(tmp_path: Path) -> None:
         assert listed[(VerdictKind.BLOCK, "192.0.2.10")].reason == (
             "block_high: scraper: 40 pages a second"
         )
+
+
+def test_a_label_and_what_it_undoes_are_one_transaction(store: Store) -> None:
+    blocked = store.record_decision(decision(), source="engine", actor="engine")
+    label, revoked, allowed = store.add_label_with_effects(
+        "addr", "192.0.2.10", "human", "api:alice",
+        revoke=lambda subject: [blocked.id] if subject == "192.0.2.10" else [],
+        allow=lambda subject: decision(Action.ALLOW, target=subject, ttl=900.0),
+        revoke_reason="feedback: labelled human",
+    )  # fmt: skip
+    assert (label.subject, label.label) == ("192.0.2.10", "human")
+    assert [r.id for r in revoked] == [blocked.id] and revoked[0].revoked_by == "api:alice"
+    assert allowed is not None and allowed.source == "feedback"
+    assert [r.decision.action for r in store.live_decisions()] == [Action.ALLOW]
+    assert [a.action for a in store.audit_log()][:3] == [
+        "decision.create", "decision.revoke", "label.add",
+    ]  # fmt: skip
+
+    # One part failing (a decision that does not exist) leaves none of it.
+    with pytest.raises(DecisionNotFound):
+        store.add_label_with_effects(
+            "addr", "192.0.2.11", "human", "api:alice",
+            revoke=lambda _subject: ["no-such-decision"],
+            allow=lambda subject: decision(Action.ALLOW, target=subject, ttl=900.0),
+        )  # fmt: skip
+    assert [lb.subject for lb in store.labels()] == ["192.0.2.10"]
+    assert [r.decision.target for r in store.live_decisions()] == ["192.0.2.10"]
