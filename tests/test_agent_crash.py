@@ -35,7 +35,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,8 +53,8 @@ from lab.tls_server import TlsServer
 from sensor.loader import remove_pins
 from sensor.verdicts import VerdictEntry, VerdictMaps
 from tests.kernel import require_root
-from tests.test_agent_live import TLS_PORT, _free_port, _wait_healthy
-from tests.test_sensor_live import REPO, _pin_dir, _xdp_attached
+from tests.test_agent_live import TLS_PORT, _free_port, _start_agent, _wait_healthy
+from tests.test_sensor_live import _pin_dir, _xdp_attached
 from tests.test_store_crash import sensor_maps
 
 # Three BCC compiles (two agent starts, the test's own load of the maps).
@@ -473,18 +472,6 @@ def report_in_flight(db: Path, verdicts: VerdictMaps, p: Promised) -> None:
 # ---- the agent ----
 
 
-def _spawn_agent(topo: Topology, state: Path, port: int, pin_dir: str) -> subprocess.Popen[str]:
-    argv = [
-        sys.executable, "-m", "controlplane.agent",
-        "--iface", topo.server_if, "--netns", topo.server_ns,
-        "--xdp-mode", "native", "--tls-port", str(TLS_PORT),
-        "--state-dir", str(state), "--api-port", str(port), "--pin-dir", pin_dir,
-    ]  # fmt: skip
-    return subprocess.Popen(
-        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
 def _get_all(api: httpx.Client, **params: Any) -> list[dict[str, Any]]:
     r = api.get("/v1/decisions", params={"limit": 10_000, **params})
     assert r.status_code == 200, r.text
@@ -509,7 +496,7 @@ def test_sigkill_mid_write_loses_no_acknowledged_decision_or_label(tmp_path: Pat
         with contextlib.ExitStack() as stack:
             topo = stack.enter_context(Topology())
             stack.enter_context(TlsServer(topo, TLS_PORT))
-            agents.append(_spawn_agent(topo, state, port, pin_dir))
+            agents.append(_start_agent(topo, state, port, pin_dir))
             _wait_healthy(agents[0], base)
             assert _xdp_attached(topo)
             token = (state / "admin.token").read_text().strip()
@@ -574,7 +561,7 @@ def test_sigkill_mid_write_loses_no_acknowledged_decision_or_label(tmp_path: Pat
             # Restart once every short TTL has run out: reconcile must take them out.
             time.sleep(max(0.0, killed_at + SHORT_TTL_S + 1.0 - time.time()))
             restart = time.monotonic()
-            agents.append(_spawn_agent(topo, state, port, pin_dir))
+            agents.append(_start_agent(topo, state, port, pin_dir))
             _wait_healthy(agents[1], base)
             print(f"restarted in {time.monotonic() - restart:.1f} s")
             assert _xdp_attached(topo)
