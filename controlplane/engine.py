@@ -303,7 +303,10 @@ class Engine:
                 profile.paths.append(obs.path)
             profile.fingerprints.add((fp.ja4, obs.http_fingerprint))
             profile.requests_since_scored += 1
-            if self._cadence(profile.last_score, len(profile.steps))[1] <= 1:
+            # Due by its request count: scored at the next urgent tick, not at
+            # the regular one, which a flood outruns by hundreds of requests.
+            _, due_after = self._cadence(profile.last_score, len(profile.steps))
+            if profile.requests_since_scored >= due_after:
                 self._urgent = True
         self._dirty_clients.add(addr)
         for key in self.features.keys_for(obs):

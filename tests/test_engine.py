@@ -14,7 +14,7 @@ from controlplane.models.consistency import ConsistencyModel
 from controlplane.policy import Policy, PolicyEngine
 from controlplane.scoring import RiskScorer
 from lab.run import agent_learned
-from lab.synthetic import mixed_traffic
+from lab.synthetic import Client, mixed_traffic
 
 
 def make_engine(learning_s: float = 880.0) -> Engine:
@@ -70,6 +70,24 @@ def test_loud_scraper_is_stopped_within_its_first_requests(
     first = min(d.ts for d in hits) - (1000.0 + 900.0 + 10.0)
     assert 0 <= first <= 3.0, f"first verdict {first:.1f} s in"
     assert {"catalog_enumeration"} & {r.code for r in engine.risks[("addr", "10.201.1.10")].reasons}
+
+
+def test_a_flood_is_judged_as_its_requests_come_not_at_the_regular_tick() -> None:
+    """A client counted clear at its first requests is due again after a few
+    more; at 2,500 requests a second, waiting for the half-second tick would
+    let about 1,250 through."""
+    engine = make_engine(learning_s=0.0)
+    flooder = Client("10.201.1.40", "", browser=False)
+    ts, decided_at = 100.0, None
+    for sent in range(1, 1001):
+        for event in flooder.request(ts, "GET", "/products?page=1", 200):
+            if engine.process(event) and decided_at is None:
+                decided_at = sent
+        ts += 1 / 2500
+    assert decided_at is not None, "the flood got no verdict in 1,000 requests"
+    assert decided_at <= 80, f"first verdict at request {decided_at}"
+    risk = engine.risks[("addr", "10.201.1.40")]
+    assert "request_rate" in {r.code for r in risk.reasons}
 
 
 def test_humans_get_no_verdict(run: tuple[Engine, list[Decision]]) -> None:
