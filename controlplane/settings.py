@@ -63,8 +63,9 @@ class Settings(BaseSettings):
     policy_file: Path | None = None
     learning_s: float = Field(0.0, ge=0)
     # The unsupervised models fitted at the end of the learning period. The
-    # baseline's 10-minute windows need a period of an hour or more to learn
-    # steady-state clients; a short period (a demo) should learn the journeys only.
+    # baseline's 10-minute windows need a period of at least 1,200 s
+    # (engine.BASELINE_MIN_LEARNING_S) to learn steady-state clients; with a
+    # shorter one the engine fits the journeys only and logs why.
     learn_models: list[LearnableModel] = Field(default_factory=lambda: list(LEARNABLE_MODELS))
     score_every_s: float = Field(0.5, gt=0, le=60)
     idle_timeout_s: float = Field(30.0, gt=0)

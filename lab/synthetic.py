@@ -77,8 +77,14 @@ class Client:
             self.flow = None
 
 
+# The humans-only prelude: long enough for a learning period the baseline
+# model accepts (controlplane.engine.BASELINE_MIN_LEARNING_S, 1,200 s).
+PRELUDE_S = 1300.0
+LEARNING_S = PRELUDE_S - 20.0  # ends before the bots start
+
+
 def mixed_traffic(
-    seed: int = 7, prelude_s: float = 900.0, attack_s: float = 120.0, humans: int = 12
+    seed: int = 7, prelude_s: float = PRELUDE_S, attack_s: float = 120.0, humans: int = 12
 ) -> list[Event]:
     """`humans` humans alone for prelude_s (the engine learns them), then a loud
     scraper and a polite stuffer on 50 addresses join them for attack_s."""

@@ -19,11 +19,10 @@ from controlplane.agent import ControlPlane
 from controlplane.features import FEATURE_NAMES
 from controlplane.learning import SOURCE_VERDICT, DriftMonitor
 from controlplane.store import DB_NAME, Store
-from lab.synthetic import mixed_traffic
+from lab.synthetic import LEARNING_S, mixed_traffic
 from tests.test_learning import clients as labelled_clients
 
 SCRAPER = "10.201.1.10"
-LEARNING_S = 880.0  # mixed_traffic's prelude is 900 s: humans only
 
 
 @pytest.fixture(scope="module")

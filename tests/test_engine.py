@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from controlplane.decisions import Action, Decision, TargetKind
 from controlplane.enforce import Enforcer
-from controlplane.engine import Engine, campaign_inputs, stats_dict
+from controlplane.engine import Engine, _Learning, campaign_inputs, stats_dict
 from controlplane.models.campaign import CampaignDetector
 from controlplane.models.consistency import ConsistencyModel
 from controlplane.policy import Policy, PolicyEngine
 from controlplane.scoring import RiskScorer
 from lab.run import agent_learned
-from lab.synthetic import Client, mixed_traffic
+from lab.synthetic import LEARNING_S, PRELUDE_S, Client, mixed_traffic
 
 
-def make_engine(learning_s: float = 880.0) -> Engine:
+def make_engine(learning_s: float = LEARNING_S) -> Engine:
     """Only the models that need no traffic, plus a learning period in which the
     humans alone are about (the attacks start after the prelude)."""
     scorer = RiskScorer(
@@ -67,7 +68,7 @@ def test_loud_scraper_is_stopped_within_its_first_requests(
     hits = [d for d in decisions if d.target == "10.201.1.10" and d.action is not Action.MONITOR]
     assert hits, "the scraper got no verdict"
     # It starts 10 s into the attack and sends 10 requests a second.
-    first = min(d.ts for d in hits) - (1000.0 + 900.0 + 10.0)
+    first = min(d.ts for d in hits) - (1000.0 + PRELUDE_S + 10.0)
     assert 0 <= first <= 3.0, f"first verdict {first:.1f} s in"
     assert {"catalog_enumeration"} & {r.code for r in engine.risks[("addr", "10.201.1.10")].reasons}
 
@@ -154,8 +155,34 @@ def test_the_learning_period_starts_with_the_first_client_not_with_the_agent() -
     # that follows: a period spent on silence would leave the journey model unfit.
     engine = make_engine()
     first_event = next(iter(mixed_traffic()))
-    engine.tick(now=first_event.ts_ns / 1e9 - 2 * 880.0)
+    engine.tick(now=first_event.ts_ns / 1e9 - 2 * LEARNING_S)
     for event in mixed_traffic():
         engine.process(event)
     engine.tick()
     assert engine.scorer.trained()["journey"]
+
+
+def test_the_learning_sample_is_uniform_over_the_period_not_its_first_vectors() -> None:
+    # A busy host offers far more vectors than are kept; keeping the first
+    # ones taught the baseline what clients look like at their first request.
+    learning = _Learning(until=None, duration_s=1300.0, max_vectors=1_000)
+    for i in range(20_000):
+        learning.offer(np.array([float(i)]), "browse")
+    kept = np.array([v[0] for v in learning.vectors])
+    assert len(kept) == 1_000 and learning.offered == 20_000
+    # Uniform over 0..19,999: a mean near 10,000, and every quarter represented.
+    assert 9_000 < kept.mean() < 11_000
+    assert all(150 < np.sum((kept >= q * 5_000) & (kept < (q + 1) * 5_000)) < 350 for q in range(4))
+
+
+def test_a_learning_period_too_short_for_the_baseline_fits_the_journeys_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="botwall.engine"):
+        engine = make_engine(learning_s=600.0)
+    assert "too short for the baseline" in caplog.text
+    for event in mixed_traffic(prelude_s=700.0, attack_s=10.0):
+        engine.process(event)
+    engine.tick()
+    trained = engine.scorer.trained()
+    assert trained["journey"] and not trained["baseline"]
