@@ -186,3 +186,18 @@ def test_a_learning_period_too_short_for_the_baseline_fits_the_journeys_only(
     engine.tick()
     trained = engine.scorer.trained()
     assert trained["journey"] and not trained["baseline"]
+
+
+def test_a_busy_host_of_300_humans_gets_no_verdict_after_learning() -> None:
+    # 300 shoppers, each with pauses of minutes now and then: the learning
+    # sample must cover the whole period, and a checkout after a pause is
+    # still part of the visit that filled the cart.
+    engine = make_engine()
+    decisions: list[Decision] = []
+    for event in mixed_traffic(humans=300):
+        decisions.extend(engine.process(event))
+    decisions.extend(engine.tick())
+    assert engine.scorer.trained()["baseline"]
+    humans = {a for a in enforced(decisions) if a.startswith(("10.201.3.", "10.201.4."))}
+    assert not humans, f"{len(humans)} of 300 humans got a verdict, e.g. {sorted(humans)[:3]}"
+    assert len({a for a in enforced(decisions) if a.startswith("10.201.2.")}) >= 45
