@@ -23,9 +23,12 @@ HttpParseError; nothing else is raised.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import ua_parser
 
@@ -34,6 +37,7 @@ from sensor.events import HttpRequestHead
 MAX_HEAD_BYTES = 16384
 MAX_HEADERS = 128
 MAX_FIELD_CHARS = 1024  # longer values (huge cookies) are cut: only their start is kept
+HEADER_BLOCKS_CACHED = 1024
 
 _METHOD = re.compile(r"[A-Z][A-Z-]{1,19}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -91,7 +95,12 @@ class HttpFingerprint:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(self.fingerprint.encode()).hexdigest()[:12]
+        return _fingerprint_hash(self.fingerprint)
+
+
+@functools.lru_cache(maxsize=4096)  # a host sees few distinct fingerprints
+def _fingerprint_hash(fingerprint: str) -> str:
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
 
 
 def parse_user_agent(ua: str) -> UserAgentInfo:
@@ -133,18 +142,40 @@ def parse_request_head(data: bytes, ua_parse: bool = True) -> HttpFingerprint:
     # latin-1 maps every byte to a character, so decoding cannot fail and
     # offsets stay byte offsets.
     text = data[:MAX_HEAD_BYTES].decode("latin-1")
-    lines = text.split("\n")
-    # The last piece has no newline after it: the capture cut it, unless the
-    # head ended properly before it.
-    complete, tail = lines[:-1], lines[-1]
-    if not complete:
-        method, path, version = _request_line(tail.rstrip("\r"), cut=True)
-        return _result(method, path, version, [], True, ua_parse)
+    request_line, newline, rest = text.partition("\n")
+    if not newline:  # the capture cut the request line
+        method, path, version = _request_line(request_line.rstrip("\r"), cut=True)
+        return HttpFingerprint(method, path, version, *_header_fields((), True, ua_parse))
+    method, path, version = _request_line(request_line.rstrip("\r"), cut=False)
+    return HttpFingerprint(method, path, version, *_header_block(rest, ua_parse))
 
-    method, path, version = _request_line(complete[0].rstrip("\r"), cut=False)
+
+class _HeaderFields(NamedTuple):
+    """HttpFingerprint's fields after the request line's, in its order."""
+
+    header_names: tuple[str, ...]
+    has_cookie: bool
+    has_referer: bool
+    has_accept_language: bool
+    user_agent: str | None
+    host: str | None
+    x_forwarded_for: str | None
+    x_forwarded_port: str | None
+    ua: UserAgentInfo | None
+    truncated: bool
+
+
+# A client sends the same headers request after request (a keep-alive
+# connection's differ in nothing but the request line), so the header block
+# is parsed once per distinct text. Entries are at most MAX_HEAD_BYTES.
+@functools.lru_cache(maxsize=HEADER_BLOCKS_CACHED)
+def _header_block(rest: str, ua_parse: bool) -> _HeaderFields:
+    """The header lines after the request line: the last piece has no newline
+    after it, so the capture cut it, unless the head ended before it."""
+    *complete, tail = rest.split("\n")
     headers: list[tuple[str, str]] = []
     ended = False
-    for raw in complete[1:]:
+    for raw in complete:
         line = raw.rstrip("\r")
         if line == "":
             ended = True
@@ -159,7 +190,7 @@ def parse_request_head(data: bytes, ua_parse: bool = True) -> HttpFingerprint:
     if not ended and len(headers) < MAX_HEADERS:
         # A cut last line still names a header if its colon arrived.
         _add_header(headers, tail.rstrip("\r"))
-    return _result(method, path, version, headers, not ended, ua_parse)
+    return _header_fields(headers, not ended, ua_parse)
 
 
 def _add_header(headers: list[tuple[str, str]], line: str) -> None:
@@ -169,22 +200,14 @@ def _add_header(headers: list[tuple[str, str]], line: str) -> None:
     headers.append((name.lower(), value.strip()[:MAX_FIELD_CHARS]))
 
 
-def _result(
-    method: str,
-    path: str,
-    version: str | None,
-    headers: list[tuple[str, str]],
-    truncated: bool,
-    ua_parse: bool,
-) -> HttpFingerprint:
+def _header_fields(
+    headers: Sequence[tuple[str, str]], truncated: bool, ua_parse: bool
+) -> _HeaderFields:
     first: dict[str, str] = {}
     for name, value in headers:
         first.setdefault(name, value)
     user_agent = first.get("user-agent")
-    return HttpFingerprint(
-        method=method,
-        path=path,
-        version=version,
+    return _HeaderFields(
         header_names=tuple(name for name, _ in headers),
         has_cookie="cookie" in first,
         has_referer="referer" in first,
