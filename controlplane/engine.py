@@ -97,7 +97,7 @@ NOT_BASELINE = frozenset({"age_s"})
 CUT_FLOW_TTL_S = 120.0
 # The learning period samples each client active in the last LEARN_ACTIVE_S
 # once every LEARN_SAMPLE_EVERY_S of event time (see _Learning).
-LEARN_SAMPLE_EVERY_S = 2.0
+LEARN_SAMPLE_EVERY_S = 5.0
 LEARN_ACTIVE_S = 60.0
 # The baseline's 10-minute windows fill from the agent's start: in a shorter
 # period every client looks new and slow, and once the windows fill every
@@ -163,16 +163,27 @@ class _Learning:
     # Seeded: a replay learns exactly what the live run learned.
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
-    def offer(self, vector: np.ndarray, group: str) -> None:
+    def slot(self) -> int | None:
+        """Where the next vector offered goes, or None where it is not kept:
+        drawn before the vector is computed, as most offers are not kept."""
         self.offered += 1
         if len(self.vectors) < self.max_vectors:
+            return len(self.vectors)
+        slot = self.rng.randrange(self.offered)
+        return slot if slot < self.max_vectors else None
+
+    def keep(self, slot: int, vector: np.ndarray, group: str) -> None:
+        if slot == len(self.vectors):
             self.vectors.append(vector)
             self.groups.append(group)
-            return
-        slot = self.rng.randrange(self.offered)
-        if slot < self.max_vectors:
+        else:
             self.vectors[slot] = vector
             self.groups[slot] = group
+
+    def offer(self, vector: np.ndarray, group: str) -> None:
+        slot = self.slot()
+        if slot is not None:
+            self.keep(slot, vector, group)
 
 
 class Engine:
@@ -614,9 +625,10 @@ class Engine:
                 profile = self._profiles[addr]
                 if now - profile.last_ts > LEARN_ACTIVE_S:
                     break
-                learning.offer(
-                    self.features.vector(("addr", addr), now), endpoint_group(profile.classes)
-                )
+                slot = learning.slot()
+                if slot is not None:
+                    vector = self.features.vector(("addr", addr), now)
+                    learning.keep(slot, vector, endpoint_group(profile.classes))
             return
         # Sessions still open count as they are so far.
         open_sessions = [list(p.steps) for p in self._profiles.values() if len(p.steps) >= 2]
