@@ -56,21 +56,22 @@ class Machine:
     scenarios: tuple[str, ...] = ()
 
 
-def load_machines(path: Path = VAGRANT_DIR / "machines.json") -> tuple[str, dict[str, Machine]]:
-    """The interface name and the machines, from the file the Vagrantfile reads too."""
+def load_machines(path: Path = VAGRANT_DIR / "machines.json") -> dict[str, Machine]:
+    """The machines, from the file the Vagrantfile reads too. Their interfaces
+    are found in the guests (lab.vm): boxes name them differently."""
     spec = json.loads(path.read_text())
     machines = {
         name: Machine(name, m["ip"], m.get("first_address"), tuple(m.get("scenarios", ())))
         for name, m in spec["machines"].items()
     }
-    return spec["interface"], machines
+    return machines
 
 
 class VagrantLab:
     def __init__(self, report_dir: Path, duration_s: float, learning_s: float) -> None:
         self.report_dir = report_dir
         self.duration_s, self.learning_s = duration_s, learning_s
-        self.iface, self.machines = load_machines()
+        self.machines = load_machines()
         self.api_vm = self.machines["api"]
         self.ssh_config = VAGRANT_DIR / ".vagrant" / "ssh_config"
         self.token = ""
@@ -122,7 +123,7 @@ class VagrantLab:
         vm = self.api_vm
         command = (
             f"sudo systemd-run --unit=botwall-lab-api --working-directory={GUEST_REPO} "
-            f"{PYTHON} -m lab.vm api --iface {self.iface} --address {vm.ip} "
+            f"{PYTHON} -m lab.vm api --address {vm.ip} "
             f"--workdir {GUEST_WORKDIR} --learning {self.learning_s:.0f}"
         )
         self.ssh(
@@ -165,7 +166,7 @@ class VagrantLab:
         argv = [
             "sudo", "systemd-run", "--unit=botwall-lab-clients",
             f"--working-directory={GUEST_REPO}", PYTHON, "-m", "lab.vm", "clients",
-            "--server", self.api_vm.ip, "--iface", self.iface, "--first", machine.first_address,
+            "--server", self.api_vm.ip, "--first", machine.first_address,
             "--duration", f"{duration_s:.0f}", "--out", f"{GUEST_WORKDIR}/records",
         ]  # fmt: skip
         for name in machine.scenarios:

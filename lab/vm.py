@@ -1,15 +1,17 @@
 """The lab's roles on real machines: the Vagrant lab's guests run these.
 
-    python -m lab.vm api --iface eth1 --address 10.201.0.10 --workdir DIR --learning 30
+    python -m lab.vm api --address 10.201.0.10 --workdir DIR --learning 30
         the shop (nginx terminating TLS, the FastAPI app behind it) and the
-        botwall agent attached to `--iface` (native XDP where the driver has
-        it) and to loopback, its admin API on every address; runs until SIGTERM.
+        botwall agent attached to the interface holding --address (or
+        `--iface`; native XDP where the driver has it) and to loopback, its
+        admin API on every address; runs until SIGTERM.
 
-    python -m lab.vm clients --server 10.201.0.10 --iface eth1 --first 10.201.1.0 \\
+    python -m lab.vm clients --server 10.201.0.10 --first 10.201.1.0 \\
             --scenario human_app --scenario crawler --duration 90 --out DIR
         the clients of lab.run's catalog, each on its own addresses (added to
-        `--iface`, in catalog order from `--first`, as the namespace lab
-        allocates them), each writing its ground truth to DIR/NAME.jsonl.
+        the interface the route to --server leaves by, or `--iface`, in
+        catalog order from `--first`, as the namespace lab allocates them),
+        each writing its ground truth to DIR/NAME.jsonl.
 
 The host drives both (lab.vagrant); nothing here knows about Vagrant.
 """
@@ -160,6 +162,24 @@ def client_addresses(first: str, names: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
+def interface_with(address: str) -> str:
+    """The interface holding `address`: the private network's, whatever the
+    box names it (eth1 in ours, enp0s8 in many VirtualBox boxes)."""
+    with IPRoute() as ipr:
+        for entry in ipr.get_addr(address=address):
+            return str(ipr.get_links(entry["index"])[0].get_attr("IFLA_IFNAME"))
+    raise LabError(f"no interface holds {address}")
+
+
+def interface_towards(server: str) -> str:
+    """The interface the route to `server` leaves by."""
+    with IPRoute() as ipr:
+        routes = ipr.route("get", dst=server)
+        if not routes or routes[0].get_attr("RTA_OIF") is None:
+            raise LabError(f"no route to {server}")
+        return str(ipr.get_links(routes[0].get_attr("RTA_OIF"))[0].get_attr("IFLA_IFNAME"))
+
+
 def add_addresses(iface: str, addresses: Sequence[str]) -> None:
     """Host routes (/32) on `iface`: the private network's own route reaches the server."""
     with IPRoute() as ipr:
@@ -174,7 +194,7 @@ def add_addresses(iface: str, addresses: Sequence[str]) -> None:
 
 def run_clients(
     server: str,
-    iface: str,
+    iface: str | None,
     first: str,
     names: Sequence[str],
     duration_s: float,
@@ -183,7 +203,8 @@ def run_clients(
     seed: int,
 ) -> int:
     sources = client_addresses(first, names)
-    add_addresses(iface, [a for addresses in sources.values() for a in addresses])
+    add_addresses(iface or interface_towards(server),
+                  [a for addresses in sources.values() for a in addresses])  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     _stop_on_sigterm()
     processes: list[subprocess.Popen[bytes]] = []
@@ -216,13 +237,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lab.vm", description=__doc__.splitlines()[0])
     roles = p.add_subparsers(dest="role", required=True)
     api = roles.add_parser("api", help="the shop and the agent")
-    api.add_argument("--iface", required=True, help="the interface clients reach the shop on")
-    api.add_argument("--address", required=True, help="the shop's IPv4 address on --iface")
+    api.add_argument(
+        "--iface",
+        help="the interface clients reach the shop on (default: the one holding --address)",
+    )
+    api.add_argument("--address", required=True, help="the shop's IPv4 address")
     api.add_argument("--workdir", type=Path, required=True)
     api.add_argument("--learning", type=float, default=30.0, help="seconds of learning")
     clients = roles.add_parser("clients", help="clients of the lab's catalog")
     clients.add_argument("--server", required=True, help="the shop's IPv4 address")
-    clients.add_argument("--iface", required=True, help="where the client addresses go")
+    clients.add_argument(
+        "--iface",
+        help="where the client addresses go (default: the one the route to --server leaves by)",
+    )
     clients.add_argument("--first", required=True, help="the first client address")
     clients.add_argument("--scenario", action="append", required=True, dest="scenarios")
     clients.add_argument("--duration", type=float, required=True)
@@ -232,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.role == "api":
-            return serve_api(args.iface, args.address, args.workdir, args.learning)
+            iface = args.iface or interface_with(args.address)
+            return serve_api(iface, args.address, args.workdir, args.learning)
         return run_clients(
             args.server, args.iface, args.first, args.scenarios, args.duration, args.out,
             args.think_scale, args.seed,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,8 +34,7 @@ def block(target: str, **extra: object) -> dict[str, object]:
 
 
 def test_the_plan_runs_only_lab_bots_scenarios_from_distinct_addresses() -> None:
-    iface, machines = load_machines()
-    assert iface == "eth1"
+    machines = load_machines()
     assert set(machines) == {"api", "clients", "attacker"}
     network = json.loads((VAGRANT_DIR / "machines.json").read_text())["network"]
     subnet = ipaddress.ip_network(f"{network['address']}/{network['netmask']}")
@@ -110,3 +111,33 @@ def test_the_scripts_parse_and_the_box_name_follows_its_inputs(tmp_path: Path) -
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     assert name.startswith("botwall-bookworm-") and len(name) == len("botwall-bookworm-") + 12
+
+
+@pytest.mark.netns
+def test_the_guests_find_their_lab_interface_whatever_the_box_names_it() -> None:
+    # A VirtualBox box may call it enp0s8 where ours says eth1: lab.vm finds
+    # the interface by the address it holds and by the route to the server.
+    ns = f"bwvm{os.getpid() % 10000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for command in (
+            "ip link add enp0s8 type veth peer name enp0s8p",
+            "ip link add other0 type veth peer name other0p",
+            "ip link set enp0s8 up", "ip link set enp0s8p up",
+            "ip link set other0 up", "ip link set other0p up",
+            "ip addr add 10.201.0.10/16 dev enp0s8", "ip addr add 192.0.2.1/24 dev other0",
+        ):  # fmt: skip
+            subprocess.run(["ip", "-n", ns, *command.split()[1:]], check=True)
+        probe = (
+            "from lab.vm import interface_with, interface_towards, LabError\n"
+            "print(interface_with('10.201.0.10'), interface_towards('10.201.0.30'),"
+            " interface_towards('192.0.2.9'))\n"
+            "try:\n    interface_with('10.9.9.9')\nexcept LabError as e:\n    print(e)\n"
+        )
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", probe],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True,
+        ).stdout.splitlines()  # fmt: skip
+        assert out == ["enp0s8 enp0s8 other0", "no interface holds 10.9.9.9"]
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
