@@ -119,6 +119,18 @@ def _layers(ja4: str | None, tcp: TcpSignature | None, user_agent: str | None) -
     return check_consistency(ja4=ja4, tcp=tcp, user_agent=user_agent)
 
 
+# A host sees a handful of SYN signatures and User-Agents over and over.
+_parsed_tcp = functools.lru_cache(maxsize=4096)(parse_tcp_signature)
+
+
+@functools.lru_cache(maxsize=8192)
+def _claim(patterns: tuple[tuple[str, str], ...], user_agent: str) -> str | None:
+    for name, pattern in patterns:
+        if re.search(pattern, user_agent, re.IGNORECASE):
+            return name
+    return None
+
+
 @functools.lru_cache(maxsize=256)
 def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
@@ -211,7 +223,7 @@ class ConsistencyModel(BaseEstimator):
     ) -> ConsistencyAssessment:
         """Compare one client's layers and check any crawler it claims to be."""
         ensure_fitted(self)
-        signature = parse_tcp_signature(tcp) if isinstance(tcp, str) else tcp
+        signature = _parsed_tcp(tcp) if isinstance(tcp, str) else tcp
         findings: list[Finding] = []
         checked: list[str] = []
 
@@ -284,10 +296,7 @@ class ConsistencyModel(BaseEstimator):
     def _claimed_crawler(self, user_agent: str | None) -> str | None:
         if not user_agent:
             return None
-        for name, pattern in self.crawler_patterns_.items():
-            if re.search(pattern, user_agent, re.IGNORECASE):
-                return name
-        return None
+        return _claim(tuple(self.crawler_patterns_.items()), user_agent)
 
     def _check_crawler(
         self, name: str, client: Address | None
