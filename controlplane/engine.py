@@ -39,7 +39,7 @@ import numpy as np
 from controlplane.decisions import Action, ClusterKey, Decision, Risk, TargetKind
 from controlplane.enforce import Enforcer
 from controlplane.features import FEATURE_NAMES, MIX_WINDOW_S, FeatureStore
-from controlplane.models.baseline import BaselineAnomaly, endpoint_group
+from controlplane.models.baseline import RESERVOIR_SIZE, BaselineAnomaly, endpoint_group
 from controlplane.models.journey import JourneyModel, step
 from controlplane.observations import (
     Connection,
@@ -157,7 +157,8 @@ class _Learning:
     vectors: list[np.ndarray] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     sessions: list[list[str]] = field(default_factory=list)
-    max_vectors: int = 20_000
+    # The baseline keeps no more than its own reservoir's worth of them.
+    max_vectors: int = RESERVOIR_SIZE
     offered: int = 0  # vectors offered to the reservoir so far
     next_sample: float = -math.inf
     # Seeded: a replay learns exactly what the live run learned.

@@ -69,6 +69,8 @@ from controlplane.observations import EndpointClass
 
 MODEL = "baseline"
 GLOBAL = "*"  # the forest over every group
+# Vectors kept to fit on: a uniform sample of everything offered.
+RESERVOIR_SIZE = 5000
 
 # Groups of endpoint classes whose clients behave alike.
 ENDPOINT_GROUPS: dict[EndpointClass, str] = {
@@ -190,7 +192,7 @@ class BaselineAnomaly(BaseEstimator):
         *,
         n_estimators: int = 100,
         max_samples: int = 256,
-        reservoir_size: int = 5000,
+        reservoir_size: int = RESERVOIR_SIZE,
         refit_every: int = 1000,
         min_samples: int = 200,
         min_group_samples: int = 500,
