@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from lab.journeys import Step, plan_app_visit
-from lab.records import RequestRecord, emit
+from lab.records import SERVER_TIME_HEADER, RequestRecord, emit
 
 HOSTNAME = "api.botwall.test"
 ATO_AFTER_STUFFING_S = 20.0
@@ -136,6 +136,7 @@ class Client:
         started = time.time()
         status: int | None = None
         error: str | None = None
+        server_s: float | None = None
         try:
             if self._conn is None:
                 self._conn = _Connection(
@@ -145,6 +146,7 @@ class Client:
             response = self._conn.getresponse()
             response.read()
             status = response.status
+            server_s = _server_time(response.getheader(SERVER_TIME_HEADER))
             self._remember_cookies(response.getheader("Set-Cookie"))
             if not self.keep_alive or response.will_close:
                 self.close()
@@ -156,6 +158,7 @@ class Client:
                 scenario=self.scenario, label=self.label, session=self.session,
                 source=self.source, method=method, path=path, status=status, error=error,
                 ts=started, elapsed=round(time.time() - started, 4), stack=self.stack,
+                server_s=server_s,
             )
         )  # fmt: skip
         return status
@@ -170,6 +173,14 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _server_time(header: str | None) -> float | None:
+    """nginx's $request_time ("0.012"), or None where it is missing or garbled."""
+    try:
+        return float(header) if header else None
+    except ValueError:
+        return None
 
 
 def _error_name(exc: BaseException) -> str:

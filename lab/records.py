@@ -19,10 +19,14 @@ from typing import Literal, TextIO, get_args
 Label = Literal["human", "good_bot", "ai_agent", "bad_bot"]
 LABELS: tuple[str, ...] = get_args(Label)
 
-# A request that took this long was delayed (botwall's tarpit drops SYNs, so
-# the connect waits for the kernel's 1 s SYN retransmission); the lab API
-# itself answers in milliseconds.
+# A request that took this long outside the server was delayed (botwall's
+# tarpit drops SYNs, so the connect waits for the kernel's 1 s SYN
+# retransmission; a throttle's drops wait for TCP's retransmissions).
 DELAYED_S = 0.9
+# The lab's nginx says how long it took itself (its $request_time: from the
+# request's first byte to the answer, the app included) in this header, so
+# that a slow server (an emulated VM) is not mistaken for a delay botwall made.
+SERVER_TIME_HEADER = "X-Lab-Server-Time"
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class RequestRecord:
     ts: float  # wall-clock start of the request (time.time())
     elapsed: float  # seconds until the answer or the error
     stack: str = ""  # the client stack: python, chromium, hydra, wrk, go, ...
+    server_s: float | None = None  # SERVER_TIME_HEADER, where the client read it
 
     def __post_init__(self) -> None:
         if self.label not in LABELS:
@@ -45,8 +50,9 @@ class RequestRecord:
 
     @property
     def mitigated(self) -> bool:
-        """Met a drop, a delay or a block, as the client saw it."""
-        return self.status is None or self.elapsed >= DELAYED_S
+        """Met a drop, a delay or a block, as the client saw it: no answer, or
+        an answer that took DELAYED_S longer than the server spent on it."""
+        return self.status is None or self.elapsed - (self.server_s or 0.0) >= DELAYED_S
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -11,7 +11,8 @@ When a session was mitigated
 A session's *mitigating moment* is the earlier of
 
 (a) the start (`ts`) of its first request the client saw mitigated
-    (`RequestRecord.mitigated`: no answer, or an answer after DELAYED_S), and
+    (`RequestRecord.mitigated`: no answer, or an answer DELAYED_S later than
+    the server spent on it, where the client read nginx's own time), and
 (b) the earliest enforced decision with a mitigating action (throttle, tarpit,
     block, block_flow) on a target covering a source address the session used
     (the address itself, or a CIDR holding it), taken before the session's last

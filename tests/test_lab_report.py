@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,21 @@ def test_tarpit_delay_counts_as_touched() -> None:
     assert s.mitigated_by == "client"
     assert s.requests_to_mitigation == 2
     assert s.ok_before_mitigation == 1  # the delayed 200 was not before the moment
+
+
+def test_a_slow_server_is_not_a_delay_but_time_outside_it_is() -> None:
+    # Under emulation the server itself can take a second: what counts as a
+    # delay is the time the client waited beyond what the server spent.
+    slow = DELAYED_S + 0.5
+    records = [
+        rec("browse", "human", "h1", "10.0.1.1", 0.0),
+        replace(rec("browse", "human", "h1", "10.0.1.1", 3.0, elapsed=slow), server_s=slow - 0.05),
+        rec("browse", "human", "h2", "10.0.1.2", 0.0),
+        replace(rec("browse", "human", "h2", "10.0.1.2", 3.0, elapsed=slow), server_s=0.3),
+    ]
+    report = run(records)
+    assert not session(report, "h1").mitigated
+    assert session(report, "h2").mitigated_by == "client"
 
 
 def test_session_with_two_scenarios_is_refused() -> None:

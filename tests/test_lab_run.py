@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from lab.records import parse_records
 from lab.run import LabOptions, run_lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns, pytest.mark.slow]
@@ -83,6 +84,12 @@ def test_mixed_scenario_meets_the_targets_and_leaves_nothing(tmp_path: Path) -> 
     sessions = {s["scenario"] for s in report.to_dict()["sessions"]}
     assert {"human_browser", "human_app", "crawler", "ai_agent", *MIXED} <= sessions, sessions
     assert (tmp_path / "report.json").is_file() and (tmp_path / "report.html").is_file()
+    # nginx says how long it took, so that a slow server is not taken for a
+    # delay botwall made (lab.records.RequestRecord.mitigated). Its clock
+    # counts whole milliseconds, so it may read a little over the client's.
+    with (tmp_path / "records.jsonl").open() as lines:
+        app = [r for r in parse_records(lines) if r.scenario == "human_app" and r.status]
+    assert app and all(r.server_s is not None and 0 <= r.server_s <= r.elapsed + 0.005 for r in app)
 
     assert (_lab_namespaces(), _lab_pins()) == before
     assert _lab_processes() == []

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from lab.netns import LabError, Topology
+from lab.records import SERVER_TIME_HEADER
 from lab.tls_server import HOSTNAME, REPO_ROOT, Certificate, generate_certificate
 
 NGINX: Final = "/usr/sbin/nginx"
@@ -103,6 +104,9 @@ http {{
             # client's own TLS connection by address and port.
             proxy_set_header X-Forwarded-Port $remote_port;
             proxy_set_header X-Forwarded-Proto https;
+            # How long nginx itself took (lab.records.SERVER_TIME_HEADER), so
+            # the lab tells a slow server from a delay botwall made.
+            add_header {server_time_header} $request_time always;
         }}
     }}
 }}
@@ -145,6 +149,7 @@ def nginx_config(
         cert=cert.cert_path,
         key=cert.key_path,
         upstream_port=upstream_port,
+        server_time_header=SERVER_TIME_HEADER,
     )
 
 
