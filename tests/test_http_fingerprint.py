@@ -215,3 +215,23 @@ def test_a_clients_gets_and_posts_share_one_fingerprint() -> None:
         b"Content-Length: 2\r\nReferer: /p\r\n\r\n{}"
     )
     assert get.fingerprint == post.fingerprint == "1.1|host,user-agent"
+
+
+def test_a_header_block_seen_before_parses_as_it_did_the_first_time() -> None:
+    # Header blocks are parsed once per distinct text (a cache); a head cut
+    # anywhere, and a head that differs only in its request line, must read
+    # exactly as a fresh parse does.
+    import sensor.fingerprint.http as http
+
+    for cut in range(4, len(BROWSER_HEAD) + 1):
+        data = BROWSER_HEAD[:cut]
+        try:
+            cached = parse_request_head(data)
+        except HttpParseError:
+            continue
+        http._header_block.cache_clear()
+        assert parse_request_head(data) == cached, cut
+    other = parse_request_head(BROWSER_HEAD.replace(b"/api/v1/items?page=2", b"/cart", 1))
+    first = parse_request_head(BROWSER_HEAD)
+    assert (other.path, first.path) == ("/cart", "/api/v1/items?page=2")
+    assert (other.user_agent, other.header_names) == (first.user_agent, first.header_names)

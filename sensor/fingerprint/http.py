@@ -26,9 +26,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, fields
+from typing import Any
 
 import ua_parser
 
@@ -145,33 +144,24 @@ def parse_request_head(data: bytes, ua_parse: bool = True) -> HttpFingerprint:
     request_line, newline, rest = text.partition("\n")
     if not newline:  # the capture cut the request line
         method, path, version = _request_line(request_line.rstrip("\r"), cut=True)
-        return HttpFingerprint(method, path, version, *_header_fields((), True, ua_parse))
+        return _result(method, path, version, [], True, ua_parse)
     method, path, version = _request_line(request_line.rstrip("\r"), cut=False)
+    # HttpFingerprint's first three fields are the request line's.
     return HttpFingerprint(method, path, version, *_header_block(rest, ua_parse))
 
 
-class _HeaderFields(NamedTuple):
-    """HttpFingerprint's fields after the request line's, in its order."""
-
-    header_names: tuple[str, ...]
-    has_cookie: bool
-    has_referer: bool
-    has_accept_language: bool
-    user_agent: str | None
-    host: str | None
-    x_forwarded_for: str | None
-    x_forwarded_port: str | None
-    ua: UserAgentInfo | None
-    truncated: bool
+# The fields the header block decides: HttpFingerprint's after the request line's.
+_HEADER_FIELD_NAMES = tuple(f.name for f in fields(HttpFingerprint))[3:]
 
 
 # A client sends the same headers request after request (a keep-alive
 # connection's differ in nothing but the request line), so the header block
 # is parsed once per distinct text. Entries are at most MAX_HEAD_BYTES.
 @functools.lru_cache(maxsize=HEADER_BLOCKS_CACHED)
-def _header_block(rest: str, ua_parse: bool) -> _HeaderFields:
-    """The header lines after the request line: the last piece has no newline
-    after it, so the capture cut it, unless the head ended before it."""
+def _header_block(rest: str, ua_parse: bool) -> tuple[Any, ...]:
+    """The values of _HEADER_FIELD_NAMES for the header lines after the request
+    line: the last piece has no newline after it, so the capture cut it,
+    unless the head ended before it."""
     *complete, tail = rest.split("\n")
     headers: list[tuple[str, str]] = []
     ended = False
@@ -190,7 +180,8 @@ def _header_block(rest: str, ua_parse: bool) -> _HeaderFields:
     if not ended and len(headers) < MAX_HEADERS:
         # A cut last line still names a header if its colon arrived.
         _add_header(headers, tail.rstrip("\r"))
-    return _header_fields(headers, not ended, ua_parse)
+    parsed = _result("", "", None, headers, not ended, ua_parse)
+    return tuple(getattr(parsed, name) for name in _HEADER_FIELD_NAMES)
 
 
 def _add_header(headers: list[tuple[str, str]], line: str) -> None:
@@ -200,14 +191,22 @@ def _add_header(headers: list[tuple[str, str]], line: str) -> None:
     headers.append((name.lower(), value.strip()[:MAX_FIELD_CHARS]))
 
 
-def _header_fields(
-    headers: Sequence[tuple[str, str]], truncated: bool, ua_parse: bool
-) -> _HeaderFields:
+def _result(
+    method: str,
+    path: str,
+    version: str | None,
+    headers: list[tuple[str, str]],
+    truncated: bool,
+    ua_parse: bool,
+) -> HttpFingerprint:
     first: dict[str, str] = {}
     for name, value in headers:
         first.setdefault(name, value)
     user_agent = first.get("user-agent")
-    return _HeaderFields(
+    return HttpFingerprint(
+        method=method,
+        path=path,
+        version=version,
         header_names=tuple(name for name, _ in headers),
         has_cookie="cookie" in first,
         has_referer="referer" in first,
