@@ -262,7 +262,9 @@ class ControlPlane:
         with self.lock:
             written = removed = 0
             if self.verdicts is not None:
-                report = reconcile(self.store, self.verdicts)
+                report = reconcile(
+                    self.store, self.verdicts, keep=self.policy_engine.policy.allow_decisions()
+                )
                 written, removed = report.written, report.removed
                 held = report.enforcer_decisions
             else:

@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1436,8 +1436,14 @@ def kernel_key(decision: Decision) -> KernelKey | None:
     return verdict_kind, decision.target
 
 
-def reconcile(store: Store, verdicts: VerdictMaps, now: float | None = None) -> ReconcileReport:
+def reconcile(
+    store: Store, verdicts: VerdictMaps, now: float | None = None, keep: Iterable[Decision] = ()
+) -> ReconcileReport:
     """Makes the kernel's verdict maps hold exactly the store's live decisions.
+
+    keep: decisions that live outside the store (the policy's allow list,
+    which the agent writes next): their kernel entries stay as they are,
+    rather than go and come back a moment later with a gap in between.
 
     Kernel entries without a live decision (left by an earlier run, or revoked
     or expired while the agent was down) go first; then every live decision is
@@ -1465,8 +1471,9 @@ def reconcile(store: Store, verdicts: VerdictMaps, now: float | None = None) -> 
         if held is None or record.expires_at > held.expires_at:
             wanted[key] = record
 
+    kept = {key for key in map(kernel_key, keep) if key is not None}
     for entry in verdicts.list():
-        if (entry.kind, entry.target) in wanted:
+        if (entry.kind, entry.target) in wanted or (entry.kind, entry.target) in kept:
             continue
         if entry.kind in ENFORCER_KINDS:
             continue  # the Enforcer adopts and corrects these itself

@@ -946,6 +946,20 @@ def test_reconcile_skips_a_decision_that_runs_out_while_it_works(
     assert maps.entries == {}
 
 
+def test_reconcile_leaves_in_place_what_the_policy_allows(store: Store, clock: Clock) -> None:
+    # The policy's allow list is in no decision of the store; removing it and
+    # writing it back after would leave a gap in which its addresses meet
+    # whatever block covers them.
+    maps = RecordingVerdictMaps(clock)
+    maps.allow("10.9.0.0/16", 500, "policy allow list")
+    maps.allow("10.8.0.0/16", 500, "an allow the policy no longer has")
+    policy_allow = decision(Action.ALLOW, TargetKind.CIDR, "10.9.0.0/16")
+    report = reconcile(store, maps, keep=[policy_allow])  # type: ignore[arg-type]
+    assert report.removed == 1
+    assert set(maps.entries) == {(VerdictKind.ALLOW_CIDR, "10.9.0.0/16")}
+    assert not any("10.9.0.0/16" in call for call in maps.calls if call.startswith("remove"))
+
+
 def test_kernel_key_per_action_and_target() -> None:
     assert kernel_key(decision(Action.ALLOW, TargetKind.CIDR, "10.0.0.0/8")) == (
         VerdictKind.ALLOW_CIDR,
