@@ -199,7 +199,7 @@ class ControlPlane:
             score_every_s=score_every_s,
             learning_s=learning_s,
             learn=tuple(learn_models),
-            on_decision=self._on_engine_decision,
+            on_decisions=self._on_engine_decisions,
             on_scored=self._on_scored,
             on_learned=self._on_learned,
         )
@@ -285,14 +285,16 @@ class ControlPlane:
 
     # ---- engine decisions ----
 
-    def _on_engine_decision(self, decision: Decision, _risk: Risk) -> None:
-        """Records an engine decision (the engine calls this before it enforces).
-        A store failure is logged and counted, never allowed to stop the engine."""
+    def _on_engine_decisions(self, decisions: list[Decision], _risk: Risk) -> None:
+        """Records one risk's engine decisions in one transaction (the engine
+        calls this before it enforces them). A store failure is logged and
+        counted, never allowed to stop the engine."""
         try:
-            self.store.record_decision(decision, source="engine", actor="engine")
+            self.store.record_decisions(decisions, source="engine", actor="engine")
         except (BotwallError, ValueError) as exc:
             self.store_errors += 1
-            log.error("could not record decision on %s: %s", decision.target, exc)
+            targets = ", ".join(d.target for d in decisions)
+            log.error("could not record decisions on %s: %s", targets, exc)
 
     def _on_scored(self, scored: list[tuple[Risk, Mapping[str, float]]]) -> None:
         """Each tick's client risks: the confident ones join the training set

@@ -104,6 +104,7 @@ class ClientView:
     features: Mapping[str, float] = field(default_factory=dict)
     address: str | None = None
     user_agent: str | None = None
+    anonymous: bool = False  # it sent requests, none with a User-Agent
     ja4: str | None = None
     tcp: TcpSignature | str | None = None  # a TcpSignature or its compact form
     steps: Sequence[str] = ()  # journey.step() tokens, oldest first
@@ -245,7 +246,11 @@ class RiskScorer:
         if trained["consistency"]:
             assert models.consistency is not None
             assessment = models.consistency.assess(
-                user_agent=view.user_agent, ja4=view.ja4, tcp=view.tcp, client=view.address
+                user_agent=view.user_agent,
+                ja4=view.ja4,
+                tcp=view.tcp,
+                client=view.address,
+                anonymous=view.anonymous,
             )
             findings["consistency"] = list(assessment.findings)
             versions["consistency"] = models.consistency.version_

@@ -23,7 +23,7 @@ LINUX_OPTIONS = (2, 4, 8, 1, 3)  # MSS, SACK-permitted, timestamps, NOP, window 
 class Client:
     """One client address speaking HTTP/1.1 over keep-alive connections."""
 
-    def __init__(self, addr: str, user_agent: str, browser: bool) -> None:
+    def __init__(self, addr: str, user_agent: str | None, browser: bool) -> None:
         self.addr = ipaddress.ip_address(addr)
         self.user_agent = user_agent
         self.browser = browser
@@ -45,7 +45,9 @@ class Client:
         if self.flow is None:
             yield from self.connect(ts)
         assert self.flow is not None
-        headers = [f"{method} {path} HTTP/1.1", "Host: shop.test", f"User-Agent: {self.user_agent}"]
+        headers = [f"{method} {path} HTTP/1.1", "Host: shop.test"]
+        if self.user_agent is not None:  # None: a tool that sends none (wrk)
+            headers.append(f"User-Agent: {self.user_agent}")
         if self.browser:
             headers += ["Accept: application/json", "Accept-Language: en-GB", "Cookie: s=1",
                         "Referer: https://shop.test/"]  # fmt: skip

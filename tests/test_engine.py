@@ -78,7 +78,9 @@ def test_a_flood_is_judged_as_its_requests_come_not_at_the_regular_tick() -> Non
     more; at 2,500 requests a second, waiting for the half-second tick would
     let about 1,250 through."""
     engine = make_engine(learning_s=0.0)
-    flooder = Client("10.201.1.40", "", browser=False)
+    # It names itself: a flood without a User-Agent is judged at its first
+    # request (the next test), this one by its rate.
+    flooder = Client("10.201.1.40", "python-requests/2.31", browser=False)
     ts, decided_at = 100.0, None
     for sent in range(1, 1001):
         for event in flooder.request(ts, "GET", "/products?page=1", 200):
@@ -89,6 +91,41 @@ def test_a_flood_is_judged_as_its_requests_come_not_at_the_regular_tick() -> Non
     assert decided_at <= 80, f"first verdict at request {decided_at}"
     risk = engine.risks[("addr", "10.201.1.40")]
     assert "request_rate" in {r.code for r in risk.reasons}
+
+
+def test_a_client_without_a_user_agent_is_judged_at_its_first_request() -> None:
+    """wrk, like most load tools, sends no User-Agent: its first request is
+    enough, where its rate alone needs about fifty."""
+    engine = make_engine(learning_s=0.0)
+    anonymous = Client("10.201.1.41", None, browser=False)
+    named = Client("10.201.1.42", "python-requests/2.31", browser=False)
+    decisions: list[Decision] = []
+    for client in (anonymous, named):
+        for event in client.request(100.0, "GET", "/products", 200):
+            decisions.extend(engine.process(event))
+    decisions.extend(engine.tick(100.001))
+    assert enforced(decisions) == {"10.201.1.41": {Action.TARPIT}}
+    risk = engine.risks[("addr", "10.201.1.41")]
+    assert risk.reasons[0].code == "no_user_agent"
+    assert ("addr", "10.201.1.42") not in engine.risks
+
+
+def test_a_tarpit_and_its_cuts_are_handed_over_together() -> None:
+    """One risk's decisions reach the store in one call (one transaction):
+    one call each kept a flood's connection cuts 20 ms behind its tarpit."""
+    batches: list[list[Decision]] = []
+    engine = make_engine(learning_s=0.0)
+    engine._on_decisions = lambda made, _risk: batches.append(list(made))
+    client = Client("10.201.1.41", None, browser=False)
+    for event in client.request(100.0, "GET", "/products", 200):
+        engine.process(event)
+    engine.tick(100.001)
+    assert [[(d.action, d.target) for d in batch] for batch in batches] == [
+        [
+            (Action.TARPIT, "10.201.1.41"),
+            (Action.BLOCK_FLOW, "10.201.1.41:40001->10.201.0.1:8080"),
+        ]
+    ]
 
 
 def test_humans_get_no_verdict(run: tuple[Engine, list[Decision]]) -> None:

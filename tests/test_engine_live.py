@@ -78,7 +78,7 @@ def outcome() -> Iterator[Outcome]:
                 enforcer=Enforcer(VerdictMaps(sensor.table)),
                 learning_s=LEARNING_S,
                 learn=("journey",),
-                on_decision=lambda d, _risk: decisions.append(d),
+                on_decisions=lambda made, _risk: decisions.extend(made),
             )
             stop = threading.Event()
             loop = threading.Thread(

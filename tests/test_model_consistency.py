@@ -53,6 +53,21 @@ def test_missing_layers_are_not_evidence(model: ConsistencyModel) -> None:
     assert model.score(user_agent=UA_CHROME_WINDOWS, ja4=JA4_REQUESTS, tcp="garbage") > 0.8
 
 
+def test_requests_without_a_user_agent_are_flagged_once_requests_were_seen(
+    model: ConsistencyModel,
+) -> None:
+    found = model.assess(ja4=JA4_GO, tcp=TCP_LINUX, anonymous=True)
+    assert [f.reason.code for f in found.findings] == ["no_user_agent"]
+    assert found.findings[0].reason.points == 85.0
+    assert found.findings[0].evidence == {"http"}
+    assert model.score(user_agent="", anonymous=True) == 0.85  # an empty header says nothing
+    # No request seen yet (a TLS-only flow): no evidence either way.
+    assert model.score(ja4=JA4_GO, tcp=TCP_LINUX) == 0.0
+    # A named client is judged on its name, not on this rule.
+    assert model.score(user_agent="python-requests/2.31", anonymous=True) == 0.0
+    assert ConsistencyModel(no_user_agent_points=50.0).fit().score(anonymous=True) == 0.5
+
+
 def test_googlebot_impostor_is_flagged(model: ConsistencyModel) -> None:
     found = model.assess(user_agent=UA_GOOGLEBOT, ja4=JA4_GO, tcp=TCP_LINUX, client="203.0.113.77")
     assert found.claimed_crawler == "googlebot"

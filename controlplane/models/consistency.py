@@ -1,11 +1,19 @@
 """Rules for clients that lie about what they are: layers that contradict each
-other, and crawlers claimed from addresses the crawler does not use.
+other, crawlers claimed from addresses the crawler does not use, and clients
+that send no User-Agent at all.
 
 The layer comparison is sensor.fingerprint.consistency's (User-Agent against
 the ClientHello's client family and against the SYN's OS family); this model
 gives each contradiction a code and a weight. The crawler check needs the
 published address ranges of each crawler, which the policy module loads from
 the crawlers' JSON files and passes in as a name -> CIDR list mapping.
+
+A client whose requests carry no User-Agent says nothing the layers could be
+checked against. Every browser, mobile HTTP stack and HTTP library sends one
+by default (RFC 9110 section 10.1.5: a user agent SHOULD); its absence marks a
+hand-made tool, a load generator or a script that stripped it, and managed
+bot rules treat it the same way (AWS WAF's core rule set blocks it outright).
+It only counts once a request was seen: a TLS-only flow shows no headers.
 
 Weights are not learned: a Chrome User-Agent over python-requests' ClientHello
 is a lie whatever this host's traffic looks like. The weights still differ,
@@ -57,7 +65,12 @@ EVIDENCE = {
     # behind this finding completed a handshake: it is not the forgeable
     # source of a lone SYN (ARCHITECTURE.md, guarantee 3).
     "crawler_impostor": frozenset({"http", "syn"}),
+    "no_user_agent": frozenset({"http"}),
 }
+
+NO_USER_AGENT_TEXT = (
+    "its requests carry no User-Agent header, which every browser, app and HTTP library sends"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +169,9 @@ class ConsistencyModel(BaseEstimator):
     crawler_ranges: crawler name -> CIDRs it publishes. A crawler claimed
         without configured ranges is noted but not judged: no ranges, no
         verdict.
-    *_points: this model's confidence (0-100) in each kind of finding.
+    *_points: this model's confidence (0-100) in each kind of finding. Alone,
+        no_user_agent's 85 scores 80.8 (a tarpit on the default policy, a
+        block on login); with any other sign of a bot, a block.
     """
 
     kind: ClassVar[str] = "consistency"
@@ -170,6 +185,7 @@ class ConsistencyModel(BaseEstimator):
         tls_os_points: float = 60.0,
         ua_os_points: float = 45.0,
         impostor_points: float = 95.0,
+        no_user_agent_points: float = 85.0,
     ) -> None:
         self.crawler_patterns = crawler_patterns
         self.crawler_ranges = crawler_ranges
@@ -177,6 +193,7 @@ class ConsistencyModel(BaseEstimator):
         self.tls_os_points = tls_os_points
         self.ua_os_points = ua_os_points
         self.impostor_points = impostor_points
+        self.no_user_agent_points = no_user_agent_points
 
     def fit(self, X: object = None, y: object = None) -> ConsistencyModel:
         """Check and normalise the configuration; no traffic is needed.
@@ -207,7 +224,15 @@ class ConsistencyModel(BaseEstimator):
             self.kind,
             repr(sorted(patterns.items())),
             repr(sorted(ranges.items())),
-            repr((self.ua_tls_points, self.tls_os_points, self.ua_os_points, self.impostor_points)),
+            repr(
+                (
+                    self.ua_tls_points,
+                    self.tls_os_points,
+                    self.ua_os_points,
+                    self.impostor_points,
+                    self.no_user_agent_points,
+                )
+            ),
         )
         return self
 
@@ -220,12 +245,23 @@ class ConsistencyModel(BaseEstimator):
         ja4: str | None = None,
         tcp: TcpSignature | str | None = None,
         client: Address | None = None,
+        anonymous: bool = False,
     ) -> ConsistencyAssessment:
-        """Compare one client's layers and check any crawler it claims to be."""
+        """Compare one client's layers and check any crawler it claims to be.
+
+        anonymous: the client sent requests and none carried a User-Agent (an
+        unknown User-Agent, None with anonymous False, is no evidence)."""
         ensure_fitted(self)
         signature = _parsed_tcp(tcp) if isinstance(tcp, str) else tcp
         findings: list[Finding] = []
         checked: list[str] = []
+        if anonymous and not user_agent:
+            findings.append(
+                Finding(
+                    Reason("no_user_agent", NO_USER_AGENT_TEXT, self.no_user_agent_points, MODEL),
+                    evidence=EVIDENCE["no_user_agent"],
+                )
+            )
 
         claimed = self._claimed_crawler(user_agent)
         verified = None
@@ -258,8 +294,11 @@ class ConsistencyModel(BaseEstimator):
         ja4: str | None = None,
         tcp: TcpSignature | str | None = None,
         client: Address | None = None,
+        anonymous: bool = False,
     ) -> list[Finding]:
-        assessment = self.assess(user_agent=user_agent, ja4=ja4, tcp=tcp, client=client)
+        assessment = self.assess(
+            user_agent=user_agent, ja4=ja4, tcp=tcp, client=client, anonymous=anonymous
+        )
         return list(assessment.findings)
 
     def score(
@@ -269,9 +308,12 @@ class ConsistencyModel(BaseEstimator):
         ja4: str | None = None,
         tcp: TcpSignature | str | None = None,
         client: Address | None = None,
+        anonymous: bool = False,
     ) -> float:
-        """0..1: how surely this client lies about what it is."""
-        return self.assess(user_agent=user_agent, ja4=ja4, tcp=tcp, client=client).probability
+        """0..1: how surely this client lies about, or hides, what it is."""
+        return self.assess(
+            user_agent=user_agent, ja4=ja4, tcp=tcp, client=client, anonymous=anonymous
+        ).probability
 
     def explain(
         self,
@@ -280,8 +322,11 @@ class ConsistencyModel(BaseEstimator):
         ja4: str | None = None,
         tcp: TcpSignature | str | None = None,
         client: Address | None = None,
+        anonymous: bool = False,
     ) -> list[Reason]:
-        assessment = self.assess(user_agent=user_agent, ja4=ja4, tcp=tcp, client=client)
+        assessment = self.assess(
+            user_agent=user_agent, ja4=ja4, tcp=tcp, client=client, anonymous=anonymous
+        )
         return [f.reason for f in assessment.findings]
 
     # ---- internals ----
