@@ -104,6 +104,17 @@ def test_opens_in_wal_with_full_sync_and_private_files(tmp_path: Path, clock: Cl
         assert store.integrity_check() == "ok"
 
 
+def test_an_engine_write_without_the_fsync_leaves_full_sync_for_the_next(
+    tmp_path: Path, clock: Clock
+) -> None:
+    with Store(tmp_path / DB_NAME, clock=clock) as store:
+        (record,) = store.record_decisions(
+            [decision()], source="engine", actor="engine", wait_for_disk=False
+        )
+        assert store.pragmas()["synchronous"] == "FULL"
+        assert store.get_decision(record.id).decision == record.decision
+
+
 def test_loose_file_modes_are_tightened(tmp_path: Path, clock: Clock) -> None:
     path = tmp_path / DB_NAME
     with Store(path, clock=clock):
