@@ -314,8 +314,8 @@ class Engine:
     # ---- observations ----
 
     def _observe(self, obs: Observation, decisions: list[Decision]) -> None:
-        self.features.observe(obs)
-        addr = str(obs.client)
+        keys = self.features.observe(obs)
+        addr = keys[0][1]  # the address's own key comes first: str() of an address is slow
         profile = self._profile(addr)
         profile.last_ts = obs.ts
         fp = obs.fingerprint
@@ -364,7 +364,7 @@ class Engine:
             if profile.requests_since_scored >= due_after:
                 self._urgent = True
         self._dirty_clients.add(addr)
-        for key in self.features.keys_for(obs):
+        for key in keys:
             if key[0] in CAMPAIGN_KINDS:
                 self._dirty_clusters.add(key)
 

@@ -425,19 +425,23 @@ class FeatureStore:
 
     # ---- observing ----
 
-    def observe(self, obs: Observation) -> None:
-        """Update every key the observation names."""
+    def observe(self, obs: Observation) -> list[ClusterKey]:
+        """Update every key the observation names; returns the keys updated,
+        the address's own first (keys_for's, but that a prefix with one
+        address so far is kept under the address's key), so the caller need
+        not build them again."""
         if len(self._states) > self._max_keys - _MAX_KEYS_PER_EVENT:
             # Room first, so that nothing this event touches can be evicted.
             self._evict_oldest(obs.ts)
         if isinstance(obs, Request):
-            self._observe_request(obs)
+            states = self._observe_request(obs)
         elif isinstance(obs, Connection):
-            self._observe_connection(obs)
+            states = self._observe_connection(obs)
         elif isinstance(obs, FlowShape):
-            self._observe_flow(obs)
+            states = self._observe_flow(obs)
         else:
             raise TypeError(f"not an observation: {type(obs).__name__}")
+        return [st.key for st in states]
 
     def observe_app_event(self, client: IPAddress, port: int, kind: str, ts: float) -> None:
         """An application's word about a client (login_failure, otp_sent, ...).
@@ -471,7 +475,7 @@ class FeatureStore:
         http = obs.http_fingerprint if isinstance(obs, Request) else None
         return _cluster_keys(str(addr), network_prefix(addr), fp.ja4, fp.tcp_signature, http)
 
-    def _observe_request(self, r: Request) -> None:
+    def _observe_request(self, r: Request) -> list[_KeyState]:
         ts = r.ts
         if ts != self._w_ts:
             self._set_weights(ts)
@@ -579,8 +583,9 @@ class FeatureStore:
                     if st.enum_pairs < ENUM_PAIRS:
                         st.enum_pairs += 1
                 st.last_id = ident
+        return states
 
-    def _observe_connection(self, conn: Connection) -> None:
+    def _observe_connection(self, conn: Connection) -> list[_KeyState]:
         """A SYN counts a connection for every key it names. The ClientHello of
         the same connection comes later and only adds the JA4: it counts the
         connection again only for the JA4 keys, which the SYN could not name."""
@@ -606,8 +611,9 @@ class FeatureStore:
                 c[_CONN10] += w10
                 c[_CONN60] += w60
                 c[_CONN600] += w600
+        return states
 
-    def _observe_flow(self, flow: FlowShape) -> None:
+    def _observe_flow(self, flow: FlowShape) -> list[_KeyState]:
         ts = flow.ts
         if ts != self._w_ts:
             self._set_weights(ts)
@@ -634,6 +640,7 @@ class FeatureStore:
             if gap_cv is not None:
                 c[_FGAP_N] += w
                 c[_FGAP_SUM] += gap_cv * w
+        return states
 
     def _touch(
         self,

@@ -198,6 +198,22 @@ def test_keys_for_names_each_fingerprint_and_skips_missing_ones() -> None:
     assert network_prefix(ip("::ffff:192.0.2.9")) == "192.0.2.0/24"
 
 
+def test_observe_returns_the_keys_it_updated() -> None:
+    store = FeatureStore()
+    first = request(T0)
+    # The prefix has one address so far: the address's state stands for it.
+    assert store.observe(first) == [k for k in store.keys_for(first) if k[0] != "prefix"]
+    second = request(T0 + 1.0, "198.51.100.8")
+    assert store.observe(second) == store.keys_for(second)
+    # A repeat of the address's keys takes the kept list: the same keys.
+    assert store.observe(request(T0 + 2.0, "198.51.100.8")) == store.keys_for(second)
+    assert store.observe(connection(T0 + 3.0)) == [
+        ("addr", "198.51.100.7"),
+        ("prefix", "198.51.100.0/24"),
+        ("tcp", TCP_WINDOWS),
+    ]
+
+
 # ---- timing ----
 
 
