@@ -28,15 +28,22 @@ class Flow:
     sport: int
     dst: IPAddress
     dport: int
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Flows key the observer's tables, several lookups per event, so the
+        # hash is computed once. The addresses' own hash formats each one as
+        # hex first; their integers hash equal flows alike at a fraction of
+        # the cost.
+        object.__setattr__(
+            self, "_hash", hash((int(self.src), self.sport, int(self.dst), self.dport))
+        )
 
     def __str__(self) -> str:
         return f"{_hostport(self.src, self.sport)}->{_hostport(self.dst, self.dport)}"
 
     def __hash__(self) -> int:
-        # Flows key the observer's tables, so this runs for every event. The
-        # addresses' own hash formats each one as hex first; their integers
-        # hash the same equal flows alike at a fraction of the cost.
-        return hash((int(self.src), self.sport, int(self.dst), self.dport))
+        return self._hash
 
     @property
     def ip_version(self) -> int:
