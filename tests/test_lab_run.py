@@ -2,7 +2,8 @@
 
 Humans (Chromium tabs and the app), the verified crawler and the declared AI
 agent run from the start while the agent learns; then loud credential
-stuffing (hydra), a sequential scraper, stuffing spread over 500 addresses,
+stuffing (hydra), a flood (wrk: judged at its first request, for it sends no
+User-Agent), a sequential scraper, stuffing spread over 500 addresses,
 SMS pumping, hoarding and the sophisticated bot join them. The account
 takeover runs in `make demo` only: each of its sessions is one fresh address's
 first connection, which a JA4 verdict stops only when the flow block lands
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.netns, pytest.mark.slow]
 
 MIXED = (
     "stuffing_loud",
+    "flood",
     "scraping_sequential",
     "stuffing_distributed",
     "sms_pumping",
