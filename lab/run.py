@@ -73,7 +73,7 @@ class Scenario:
     name: str
     label: str  # human, good_bot, ai_agent, bad_bot
     kind: str  # loud, distributed, stealthy, normal (lab.report's targets)
-    runner: str  # bots (lab.bots), browser (lab.browser), hydra, wrk
+    runner: str  # bots (lab.bots), browser (lab.browser), hydra, wrk, curl
     v4: int  # client addresses it uses
     description: str
     v6: int = 0
@@ -115,9 +115,15 @@ CATALOG: tuple[Scenario, ...] = (
     Scenario("sophisticated", "bad_bot", "stealthy", "bots", 40,
              "Chrome's User-Agent and headers over Python TLS, a new address every few requests",
              v6=16),
+    # Last, so that adding it moved no other scenario's addresses.
+    Scenario("scraping_curl", "bad_bot", "loud", "curl", 1,
+             "curl: the catalog in id order on one connection, 2 requests/s"),
 )  # fmt: skip
 BY_NAME = {s.name: s for s in CATALOG}
 HONEST = tuple(s.name for s in CATALOG if not s.attack)
+# Tools that keep no per-request records: the server's log stands in for them.
+TOOL_RUNNERS = ("hydra", "wrk", "curl")
+CURL_RATE_PER_S = 2
 
 
 @dataclass
@@ -363,11 +369,15 @@ class Lab:
         elif s.runner == "wrk":
             argv = ["wrk", "-t1", "-c4", f"-d{int(duration_s)}s", "--timeout", "2s",
                     f"https://{self.aliases[s.name][0]}:{TLS_PORT}/products?page=1"]  # fmt: skip
+        elif s.runner == "curl":
+            argv = curl_walk_argv(
+                self.sources[s.name][0], topo.server_v4, ca, duration_s, CURL_RATE_PER_S
+            )
         else:
             raise LabError(f"scenario {s.name} has an unknown runner {s.runner!r}")
         # The tools keep no per-request records (records() reads the
         # server's log for them) and hydra writes a restore file in its cwd.
-        tool = s.runner in ("hydra", "wrk")
+        tool = s.runner in TOOL_RUNNERS
         out_path = self.workdir / (f"{s.name}.log" if tool else f"{s.name}.jsonl")
         # The child gets its own copies of the descriptors: ours close at once.
         with out_path.open("w") as out, (self.workdir / f"{s.name}.err").open("w") as err:
@@ -390,7 +400,7 @@ class Lab:
     # ---- ground truth and the report ----
 
     def records(self) -> list[RequestRecord]:
-        """Every client's records; for hydra and wrk, which keep none, the
+        """Every client's records; for hydra, wrk and curl, which keep none, the
         requests the server logged from their addresses (a dropped request
         never reaches the log, so a verdict shows as the decision that covers it)."""
         records: list[RequestRecord] = []
@@ -399,7 +409,7 @@ class Lab:
             if s.runner in ("bots", "browser") and path.exists():
                 with path.open() as lines:
                     records.extend(parse_records(lines))
-        tools = {self.sources[s.name][0]: s for s in self.scenarios if s.runner in ("hydra", "wrk")}
+        tools = {self.sources[s.name][0]: s for s in self.scenarios if s.runner in TOOL_RUNNERS}
         if tools and self.shop is not None:
             for entry in self.shop.requests():
                 tool = tools.get(entry["remote_addr"])
@@ -439,7 +449,7 @@ class Lab:
                 started=self.launched.get(s.name), rate_limit_rpm=s.rate_limit_rpm,
                 # hydra and wrk: their dropped requests are in no log; they
                 # kept trying until their process ended.
-                unrecorded_until=self.finished.get(s.name) if s.runner in ("hydra", "wrk")
+                unrecorded_until=self.finished.get(s.name) if s.runner in TOOL_RUNNERS
                 else None,
             )
             for s in self.scenarios
@@ -498,6 +508,22 @@ def hydra_argv(server: str, workdir: Path, duration_s: float) -> list[str]:
         "hydra", "-L", str(users), "-P", str(passwords), "-t", "4", "-s", str(TLS_PORT),
         "-S", "-I", server,
         "https-post-form", "/login:user=^USER^&password=^PASS^:F=bad credentials",
+    ]  # fmt: skip
+
+
+def curl_walk_argv(
+    source: str, server: str, ca: str | None, duration_s: float, rate_per_s: int
+) -> list[str]:
+    """curl walking /products/1, /products/2, ... in order: its URL glob reuses
+    one connection, --rate paces the requests, and --interface sends them
+    from the scenario's own address. A transfer a verdict stalls gives up
+    after 5 s and curl goes on to the next id, as a scraper would."""
+    last_id = max(int(duration_s * rate_per_s), 1)
+    tls = ["--cacert", ca] if ca else ["--insecure"]
+    return [
+        "curl", "--silent", "--show-error", "--output", "/dev/null", "--interface", source,
+        *tls, "--rate", f"{rate_per_s}/s", "--max-time", "5",
+        f"https://{server}:{TLS_PORT}/products/[1-{last_id}]",
     ]  # fmt: skip
 
 

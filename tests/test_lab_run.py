@@ -3,13 +3,13 @@
 Humans (Chromium tabs and the app), the verified crawler and the declared AI
 agent run from the start while the agent learns; then loud credential
 stuffing (hydra), a flood (wrk: judged at its first request, for it sends no
-User-Agent), a sequential scraper, stuffing spread over 500 addresses,
-SMS pumping, hoarding and the sophisticated bot join them. The account
-takeover runs in `make demo` only: each of its sessions is one fresh address's
-first connection, which a JA4 verdict stops only when the flow block lands
-before the handshake ends, and under CI's load it often does not. The report
-must meet the targets, and teardown must leave no namespace, pinned map or
-process behind.
+User-Agent), sequential scrapers in Python and curl, stuffing spread over
+500 addresses, SMS pumping, hoarding and the sophisticated bot join them.
+The account takeover runs in `make demo` only: each of its sessions is one
+fresh address's first connection, which a JA4 verdict stops only when the
+flow block lands before the handshake ends, and under CI's load it often
+does not. The report must meet the targets, and teardown must leave no
+namespace, pinned map or process behind.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ MIXED = (
     "stuffing_loud",
     "flood",
     "scraping_sequential",
+    "scraping_curl",
     "stuffing_distributed",
     "sms_pumping",
     "hoarding",
