@@ -34,7 +34,7 @@ from sensor.events import (
 from sensor.fingerprint.http import HttpParseError, parse_request_head
 from sensor.fingerprint.ja4 import ja4
 from sensor.fingerprint.reassembly import HelloAssembler
-from sensor.fingerprint.tcp import os_guess, syn_signature
+from sensor.fingerprint.tcp import syn_fingerprint
 from sensor.fingerprint.tls import ParseError, hello_key, parse_client_hello
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -239,10 +239,9 @@ class Observer:
     # ---- events ----
 
     def _on_syn(self, ev: SynEvent) -> list[Observation]:
-        sig = syn_signature(ev)
-        guess = os_guess(sig)
+        signature, os_family = syn_fingerprint(ev)
         info = self._info(ev.flow)
-        info.fingerprint = replace(info.fingerprint, tcp_signature=str(sig), os_family=guess.family)
+        info.fingerprint = replace(info.fingerprint, tcp_signature=signature, os_family=os_family)
         return [self._connection(ev.ts_ns, ev.flow, ConnectionStage.SYN, info)]
 
     def _on_hello(self, ev: ClientHelloSegment) -> list[Observation]:

@@ -36,6 +36,7 @@ from sklearn.base import BaseEstimator
 from controlplane.decisions import Reason
 from controlplane.models import Finding, ensure_fitted, model_version, noisy_or
 from sensor.fingerprint.consistency import Consistency, check_consistency
+from sensor.fingerprint.http import load_user_agent_rules
 from sensor.fingerprint.tcp import INITIAL_TTLS, TcpSignature
 
 MODEL = "consistency"
@@ -220,6 +221,7 @@ class ConsistencyModel(BaseEstimator):
                 raise ValueError(f"crawler {name!r}: {exc}") from exc
         self.crawler_patterns_ = patterns
         self.crawler_ranges_ = ranges
+        load_user_agent_rules()  # now, not at the first client's request
         self.version_ = model_version(
             self.kind,
             repr(sorted(patterns.items())),

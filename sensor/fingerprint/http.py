@@ -102,6 +102,14 @@ def _fingerprint_hash(fingerprint: str) -> str:
     return hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
 
 
+@functools.cache
+def load_user_agent_rules() -> None:
+    """ua-parser compiles its rules at its first parse, about 0.4 s: whoever
+    will parse User-Agents calls this at start, so that the first client's
+    request does not wait for it."""
+    ua_parser.parse("")
+
+
 def parse_user_agent(ua: str) -> UserAgentInfo:
     result = ua_parser.parse(ua[:MAX_FIELD_CHARS])
     agent, system, device = result.user_agent, result.os, result.device

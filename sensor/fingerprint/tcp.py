@@ -94,23 +94,54 @@ def option_layout(kinds: tuple[int, ...]) -> str:
 
 
 def syn_signature(ev: SynEvent) -> TcpSignature:
-    start = initial_ttl(ev.ttl)
-    window_mss = None
-    if ev.mss and ev.window and ev.window % ev.mss == 0:
-        window_mss = ev.window // ev.mss
-    return TcpSignature(
-        ip_version=ev.flow.ip_version,
-        ttl=ev.ttl,
-        initial_ttl=start,
-        hops=start - ev.ttl,
-        df=ev.df,
-        window=ev.window,
-        window_mss=window_mss,
-        mss=ev.mss,
-        wscale=ev.wscale,
-        options=option_layout(ev.options),
-        quirks=tuple(q.name.lower() for q in SynQuirk if q.name and q in ev.quirks),
+    return _signature(
+        ev.flow.ip_version, ev.ttl, ev.df, ev.window, ev.mss, ev.wscale, ev.options, ev.quirks
     )
+
+
+def syn_fingerprint(ev: SynEvent) -> tuple[str, str]:
+    """The SYN's signature in its compact form and the OS family guessed from it."""
+    return _described(syn_signature(ev))
+
+
+# A host sees a few dozen TCP stacks and TTLs, SYN after SYN: what a SYN's
+# fields say is worked out once per distinct set of them.
+_SYN_FORMS_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=_SYN_FORMS_CACHED)
+def _signature(
+    ip_version: int,
+    ttl: int,
+    df: bool,
+    window: int,
+    mss: int | None,
+    wscale: int | None,
+    options: tuple[int, ...],
+    quirks: SynQuirk,
+) -> TcpSignature:
+    start = initial_ttl(ttl)
+    window_mss = None
+    if mss and window and window % mss == 0:
+        window_mss = window // mss
+    return TcpSignature(
+        ip_version=ip_version,
+        ttl=ttl,
+        initial_ttl=start,
+        hops=start - ttl,
+        df=df,
+        window=window,
+        window_mss=window_mss,
+        mss=mss,
+        wscale=wscale,
+        options=option_layout(options),
+        quirks=tuple(q.name.lower() for q in SynQuirk if q.name and q in quirks),
+    )
+
+
+@functools.lru_cache(maxsize=_SYN_FORMS_CACHED)
+def _described(sig: TcpSignature) -> tuple[str, str]:
+    return str(sig), os_guess(sig).family
 
 
 @dataclass(frozen=True, slots=True)
