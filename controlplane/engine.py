@@ -25,6 +25,7 @@ steady-state clients; the journey model only needs sessions.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import random
@@ -126,6 +127,7 @@ class _Profile:
     last_scored: float = -math.inf
     last_score: float = 100.0  # unscored: as urgent as the riskiest
     requests_since_scored: int = 0
+    due_at: float | None = None  # its live entry in Engine._due_at
     spared: bool = False  # by policy from JA4 verdicts, as of its latest User-Agent
 
 
@@ -228,7 +230,14 @@ class Engine:
         self._on_learned = on_learned
         self._profiles: OrderedDict[str, _Profile] = OrderedDict()
         self._max_profiles = max_profiles
+        # Clients with something new since they were last scored. Those due
+        # by their request count are in _due_now; every one of them has an
+        # entry in _due_at, a heap of (time it is due by its cadence, address),
+        # so a tick looks at the clients that are due, not at every client
+        # that is active but waiting.
         self._dirty_clients: set[str] = set()
+        self._due_now: dict[str, None] = {}
+        self._due_at: list[tuple[float, str]] = []
         self._dirty_clusters: set[ClusterKey] = set()
         self._cluster_risks: dict[ClusterKey, Risk] = {}
         self._active: dict[tuple[str, Action], float] = {}  # (target, action) -> until
@@ -273,7 +282,9 @@ class Engine:
 
         addr = ipaddress.ip_address(client)
         self.features.observe_app_event(addr, port, kind, ts if ts is not None else self._now)
-        self._dirty_clients.add(str(addr))
+        profile = self._profiles.get(str(addr))
+        if profile is not None:  # else it is scored from its first request on
+            self._mark_dirty(str(addr), profile)
 
     def run(self, source: EventSource, *, stop: Callable[[], bool] | None = None) -> None:
         """Consumes a source until it ends (a capture) or stop() says so (live)."""
@@ -362,11 +373,19 @@ class Engine:
             # the regular one, which a flood outruns by hundreds of requests.
             _, due_after = self._cadence(profile.last_score, len(profile.steps))
             if profile.requests_since_scored >= due_after:
+                self._due_now[addr] = None
                 self._urgent = True
-        self._dirty_clients.add(addr)
+        self._mark_dirty(addr, profile)
         for key in keys:
             if key[0] in CAMPAIGN_KINDS:
                 self._dirty_clusters.add(key)
+
+    def _mark_dirty(self, addr: str, profile: _Profile) -> None:
+        self._dirty_clients.add(addr)
+        if profile.due_at is None:
+            every_s, _ = self._cadence(profile.last_score, len(profile.steps))
+            profile.due_at = profile.last_scored + every_s
+            heapq.heappush(self._due_at, (profile.due_at, addr))
 
     def _end_session(self, addr: str, profile: _Profile) -> None:
         if self._learning is not None and len(profile.steps) >= 2:
@@ -438,20 +457,7 @@ class Engine:
                 )
                 decisions.extend(self._decide(risk, ctx))
 
-        due, waiting = [], set()
-        for addr in self._dirty_clients:
-            profile = self._profiles.get(addr)
-            if profile is None:
-                continue
-            every_s, after = self._cadence(profile.last_score, len(profile.steps))
-            if now - profile.last_scored >= every_s or profile.requests_since_scored >= after:
-                due.append(addr)
-                profile.last_scored = now
-                profile.requests_since_scored = 0
-            else:
-                waiting.add(addr)
-        self._dirty_clients = waiting
-        views = [self._view(addr, now) for addr in due]
+        views = [self._view(addr, now) for addr in self._due_clients(now)]
         if views:
             risks = self.scorer.score_clients(views, self._cluster_risks)
             if self._on_scored is not None:
@@ -470,6 +476,45 @@ class Engine:
                 if risk.score >= MIN_SCORE_TO_DECIDE:
                     decisions.extend(self._decide(risk, self._context(risk.key[1], now)))
         return decisions
+
+    def _due_clients(self, now: float) -> list[str]:
+        """The dirty clients due for scoring, by request count or by time,
+        marked as scored now."""
+        profiles, dirty = self._profiles, self._dirty_clients
+        due = {addr: None for addr in self._due_now if addr in dirty}
+        self._due_now.clear()
+        later = []
+        # An entry's time is a hint (a client's cadence changes with its
+        # session): the cadence itself decides, as it does for request counts.
+        while self._due_at and self._due_at[0][0] <= now:
+            at, addr = heapq.heappop(self._due_at)
+            profile = profiles.get(addr)
+            if profile is None:  # forgotten
+                dirty.discard(addr)
+                continue
+            if profile.due_at != at:
+                continue  # scored since, and queued again if it did something new
+            profile.due_at = None
+            if addr not in dirty:
+                continue
+            every_s, _ = self._cadence(profile.last_score, len(profile.steps))
+            if now - profile.last_scored >= every_s:
+                due[addr] = None
+            else:
+                profile.due_at = profile.last_scored + every_s
+                later.append((profile.due_at, addr))
+        for entry in later:
+            heapq.heappush(self._due_at, entry)
+        scored = []
+        for addr in due:
+            dirty.discard(addr)
+            profile = profiles.get(addr)
+            if profile is not None:
+                profile.last_scored = now
+                profile.requests_since_scored = 0
+                profile.due_at = None  # its entry, if any, is stale
+                scored.append(addr)
+        return scored
 
     def _features_now(self, key: ClusterKey, now: float) -> dict[str, float]:
         """A key's features, computed once per tick: a member of several

@@ -9,13 +9,23 @@ import pytest
 
 from controlplane.decisions import Action, Decision, TargetKind
 from controlplane.enforce import Enforcer
-from controlplane.engine import Engine, _Learning, campaign_inputs, stats_dict
+from controlplane.engine import (
+    LOW_RISK,
+    LOW_RISK_RESCORE_S,
+    MIN_SCORE_TO_DECIDE,
+    YOUNG_STEPS,
+    Engine,
+    _Learning,
+    campaign_inputs,
+    stats_dict,
+)
 from controlplane.models.campaign import CampaignDetector
 from controlplane.models.consistency import ConsistencyModel
 from controlplane.policy import Policy, PolicyEngine
 from controlplane.scoring import RiskScorer
 from lab.run import agent_learned
 from lab.synthetic import LEARNING_S, PRELUDE_S, Client, mixed_traffic
+from lab.traffic import CHROME_LINUX
 
 
 def make_engine(learning_s: float = LEARNING_S) -> Engine:
@@ -108,6 +118,42 @@ def test_a_client_without_a_user_agent_is_judged_at_its_first_request() -> None:
     risk = engine.risks[("addr", "10.201.1.41")]
     assert risk.reasons[0].code == "no_user_agent"
     assert ("addr", "10.201.1.42") not in engine.risks
+
+
+def test_a_client_is_scored_again_when_its_cadence_says() -> None:
+    """A clear client past its session's first steps waits LOW_RISK_RESCORE_S
+    (or 20 requests) for its next scoring; a risky one is scored at the next
+    tick after anything it does, a closed connection included."""
+    engine = make_engine(learning_s=0.0)
+    human = Client("10.201.3.1", CHROME_LINUX, browser=True)
+    ts = 100.0
+    young = YOUNG_STEPS - 1  # the steps before the one that makes YOUNG_STEPS
+    for _ in range(young):  # scored at each one
+        for event in human.request(ts, "GET", "/products", 200):
+            engine.process(event)
+        ts += 1.0
+        engine.tick(ts)
+    assert engine.stats.clients_scored == young
+    assert engine._profiles["10.201.3.1"].last_score < LOW_RISK
+
+    for event in human.request(ts, "GET", "/search?q=tea", 200):
+        engine.process(event)
+    for quiet in (1.0, 10.0, LOW_RISK_RESCORE_S - 2.0):
+        engine.tick(ts + quiet)
+    assert engine.stats.clients_scored == young, "scored before its cadence said"
+    engine.tick(ts + LOW_RISK_RESCORE_S)
+    assert engine.stats.clients_scored == young + 1
+
+    anonymous = Client("10.201.1.41", None, browser=False)
+    for event in anonymous.request(ts, "GET", "/products", 200):
+        engine.process(event)
+    engine.tick(ts + 0.1)
+    assert engine._profiles["10.201.1.41"].last_score >= MIN_SCORE_TO_DECIDE
+    scored = engine.stats.clients_scored
+    for event in anonymous.close(ts + 0.2):
+        engine.process(event)
+    engine.tick(ts + 0.3)
+    assert engine.stats.clients_scored == scored + 1, "the risky client was not scored again"
 
 
 def test_a_tarpit_and_its_cuts_are_handed_over_together() -> None:
