@@ -447,7 +447,7 @@ class Engine:
                 members = tuple(
                     m
                     for m in sorted(self.features.members(key))
-                    if takes_part(self._features_now(("addr", m), now), key, risk)
+                    if takes_part(lambda m=m: self._features_now(("addr", m), now), key, risk)
                 )
                 ctx = DecisionContext(
                     members=members,
@@ -568,7 +568,7 @@ class Engine:
             clusters=tuple(
                 k
                 for k in self._cluster_keys(profile, addr)
-                if takes_part(features, k, self._cluster_risks[k])
+                if takes_part(lambda: features, k, self._cluster_risks[k])
             ),
             ts=now,
         )
@@ -718,19 +718,27 @@ class Engine:
 BROAD_KINDS = frozenset({"tcp", "prefix"})
 
 
-def takes_part(member: Mapping[str, float], key: ClusterKey, campaign: Risk) -> bool:
+def takes_part(
+    member: Callable[[], Mapping[str, float]], key: ClusterKey, campaign: Risk
+) -> bool:
     """Whether one address's own behaviour is part of a cluster's campaign.
 
     A campaign is seen on a key many addresses share, and innocent clients may
     share it too: every Linux client has Linux's TCP signature, a browser's
     JA4 is the same for all its users. A member inherits the campaign's risk,
-    and its verdict, only if it does what the campaign does."""
+    and its verdict, only if it does what the campaign does.
+
+    member: the address's features, asked for only where the campaign's kind
+    needs them (a tick asks this of up to 256 members of each campaign)."""
     code = campaign.reasons[0].code if campaign.reasons else ""
     if code == "credential_stuffing":
-        failing = max(member.get("login_failure_share", 0.0), member.get("login_error_share", 0.0))
-        return member.get("login_share", 0.0) >= 0.3 and failing >= 0.5
+        features = member()
+        failing = max(
+            features.get("login_failure_share", 0.0), features.get("login_error_share", 0.0)
+        )
+        return features.get("login_share", 0.0) >= 0.3 and failing >= 0.5
     if code == "sensitive_flood":
-        return member.get("sensitive_share", 0.0) >= 0.8
+        return member().get("sensitive_share", 0.0) >= 0.8
     # The key itself is the signal (a rare or lying fingerprint): sharing it
     # counts, unless the key is one that ordinary clients share.
     return key[0] not in BROAD_KINDS
