@@ -89,17 +89,23 @@ class HttpFingerprint:
 
     @property
     def fingerprint(self) -> str:
-        names = (n for n in self.header_names if n not in PER_REQUEST_HEADERS)
-        return f"{self.version or '-'}|{','.join(names)}"
+        return _fingerprint(self.version, self.header_names)
 
     @property
     def hash(self) -> str:
-        return _fingerprint_hash(self.fingerprint)
+        return _fingerprint_hash(self.version, self.header_names)
 
 
-@functools.lru_cache(maxsize=4096)  # a host sees few distinct fingerprints
-def _fingerprint_hash(fingerprint: str) -> str:
-    return hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+# A host sees few distinct fingerprints, request after request.
+@functools.lru_cache(maxsize=4096)
+def _fingerprint(version: str | None, header_names: tuple[str, ...]) -> str:
+    names = (n for n in header_names if n not in PER_REQUEST_HEADERS)
+    return f"{version or '-'}|{','.join(names)}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint_hash(version: str | None, header_names: tuple[str, ...]) -> str:
+    return hashlib.sha256(_fingerprint(version, header_names).encode()).hexdigest()[:12]
 
 
 @functools.cache
