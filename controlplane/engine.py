@@ -33,6 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -447,7 +448,7 @@ class Engine:
                 members = tuple(
                     m
                     for m in sorted(self.features.members(key))
-                    if takes_part(lambda m=m: self._features_now(("addr", m), now), key, risk)
+                    if takes_part(partial(self._features_now, ("addr", m), now), key, risk)
                 )
                 ctx = DecisionContext(
                     members=members,
