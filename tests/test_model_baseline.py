@@ -78,6 +78,21 @@ def test_groups_fall_back_to_the_global_forest() -> None:
     assert model._group(None) == "*"
 
 
+def test_a_group_of_every_vector_is_the_global_forest_not_a_second_one() -> None:
+    rng = np.random.default_rng(1)
+    X = rng.lognormal(size=(600, len(NAMES)))
+    alone = BaselineAnomaly(min_samples=200, min_group_samples=500, random_state=0)
+    alone.fit(X, feature_names=NAMES, groups=["browse"] * 600)
+    assert set(alone.forests_) == {"*"}
+    mixed = BaselineAnomaly(min_samples=200, min_group_samples=500, random_state=0)
+    mixed.fit(X, feature_names=NAMES, groups=["browse"] * 550 + ["auth"] * 50)
+    assert set(mixed.forests_) == {"*", "browse"}  # auth has too few of its own
+    probe = rng.lognormal(size=(20, len(NAMES))) * 5
+    assert np.array_equal(
+        alone.score_samples(probe, ["browse"] * 20), alone.score_samples(probe, None)
+    )
+
+
 def test_partial_fit_learns_then_refits_on_schedule() -> None:
     humans = Traffic(23).humans(700)
     X = feature_matrix(humans)

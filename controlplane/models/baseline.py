@@ -271,7 +271,8 @@ class BaselineAnomaly(BaseEstimator):
         members = {GLOBAL: np.ones(len(X), dtype=bool)}
         for group in sorted(set(self.reservoir_groups_) - {GLOBAL}):
             mask = groups == group
-            if mask.sum() >= self.min_group_samples:
+            # A group of every vector would be the global forest over again.
+            if self.min_group_samples <= mask.sum() < len(X):
                 members[group] = mask
         forests, medians, scales, columns, tail_scales = {}, {}, {}, {}, {}
         forest_rarity, marginal_rarity = {}, {}
