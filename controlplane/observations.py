@@ -31,7 +31,7 @@ from sensor.events import (
     HttpResponseStatus,
     SynEvent,
 )
-from sensor.fingerprint.http import HttpParseError, parse_request_head
+from sensor.fingerprint.http import HttpParseError, fingerprint_hash, split_request_head
 from sensor.fingerprint.ja4 import ja4
 from sensor.fingerprint.reassembly import HelloAssembler
 from sensor.fingerprint.tcp import syn_fingerprint
@@ -264,26 +264,26 @@ class Observer:
 
     def _on_request_head(self, ev: HttpRequestHead) -> None:
         try:
-            head = parse_request_head(ev.data, ua_parse=self._parse_ua)
+            method, target, version, head = split_request_head(ev.data, ua_parse=self._parse_ua)
         except HttpParseError:
             self.stats["request_unparsable"] += 1
             return
         client, client_port, fingerprint = self._real_client(
             ev.flow, head.x_forwarded_for, head.x_forwarded_port
         )
-        path = head.path.split("?", 1)[0] or "/"
+        path = target.split("?", 1)[0] or "/"
         route = route_template(path)
         request = Request(
             ts=ev.ts_ns / NS_PER_S,
             client=client,
             client_port=client_port,
-            method=head.method,
+            method=method,
             path=path,
             route=route,
             endpoint_class=endpoint_class(route),
             status=None,
             user_agent=head.user_agent,
-            http_fingerprint=head.hash,
+            http_fingerprint=fingerprint_hash(version, head.header_names),
             fingerprint=fingerprint,
             header_names=head.header_names,
             has_cookie=head.has_cookie,

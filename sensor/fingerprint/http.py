@@ -27,7 +27,7 @@ import functools
 import hashlib
 import re
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import NamedTuple
 
 import ua_parser
 
@@ -93,7 +93,27 @@ class HttpFingerprint:
 
     @property
     def hash(self) -> str:
-        return _fingerprint_hash(self.version, self.header_names)
+        return fingerprint_hash(self.version, self.header_names)
+
+
+class HeaderBlock(NamedTuple):
+    """What the header lines of a request head say: HttpFingerprint's fields
+    after the request line's, in its order (checked below)."""
+
+    header_names: tuple[str, ...]
+    has_cookie: bool
+    has_referer: bool
+    has_accept_language: bool
+    user_agent: str | None
+    host: str | None
+    x_forwarded_for: str | None
+    x_forwarded_port: str | None
+    ua: UserAgentInfo | None
+    truncated: bool
+
+
+if HeaderBlock._fields != tuple(f.name for f in fields(HttpFingerprint))[3:]:
+    raise ImportError("HeaderBlock's fields must be HttpFingerprint's after the request line's")
 
 
 # A host sees few distinct fingerprints, request after request.
@@ -104,7 +124,8 @@ def _fingerprint(version: str | None, header_names: tuple[str, ...]) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _fingerprint_hash(version: str | None, header_names: tuple[str, ...]) -> str:
+def fingerprint_hash(version: str | None, header_names: tuple[str, ...]) -> str:
+    """HttpFingerprint.hash, from the two things it depends on."""
     return hashlib.sha256(_fingerprint(version, header_names).encode()).hexdigest()[:12]
 
 
@@ -152,30 +173,35 @@ def _request_line(line: str, cut: bool) -> tuple[str, str, str | None]:
 
 def parse_request_head(data: bytes, ua_parse: bool = True) -> HttpFingerprint:
     """Fingerprint the request head at the start of data (a possibly cut segment)."""
+    method, path, version, headers = split_request_head(data, ua_parse)
+    # HttpFingerprint's first three fields are the request line's.
+    return HttpFingerprint(method, path, version, *headers)
+
+
+def split_request_head(
+    data: bytes, ua_parse: bool = True
+) -> tuple[str, str, str | None, HeaderBlock]:
+    """The request line's method, target and version, and what the header
+    lines say: parse_request_head's fields without building the object, for
+    a caller that handles every request (the observer)."""
     # latin-1 maps every byte to a character, so decoding cannot fail and
     # offsets stay byte offsets.
     text = data[:MAX_HEAD_BYTES].decode("latin-1")
     request_line, newline, rest = text.partition("\n")
     if not newline:  # the capture cut the request line
         method, path, version = _request_line(request_line.rstrip("\r"), cut=True)
-        return _result(method, path, version, [], True, ua_parse)
+        return method, path, version, _header_facts([], True, ua_parse)
     method, path, version = _request_line(request_line.rstrip("\r"), cut=False)
-    # HttpFingerprint's first three fields are the request line's.
-    return HttpFingerprint(method, path, version, *_header_block(rest, ua_parse))
-
-
-# The fields the header block decides: HttpFingerprint's after the request line's.
-_HEADER_FIELD_NAMES = tuple(f.name for f in fields(HttpFingerprint))[3:]
+    return method, path, version, _header_block(rest, ua_parse)
 
 
 # A client sends the same headers request after request (a keep-alive
 # connection's differ in nothing but the request line), so the header block
 # is parsed once per distinct text. Entries are at most MAX_HEAD_BYTES.
 @functools.lru_cache(maxsize=HEADER_BLOCKS_CACHED)
-def _header_block(rest: str, ua_parse: bool) -> tuple[Any, ...]:
-    """The values of _HEADER_FIELD_NAMES for the header lines after the request
-    line: the last piece has no newline after it, so the capture cut it,
-    unless the head ended before it."""
+def _header_block(rest: str, ua_parse: bool) -> HeaderBlock:
+    """The header lines after the request line: the last piece has no newline
+    after it, so the capture cut it, unless the head ended before it."""
     *complete, tail = rest.split("\n")
     headers: list[tuple[str, str]] = []
     ended = False
@@ -194,8 +220,7 @@ def _header_block(rest: str, ua_parse: bool) -> tuple[Any, ...]:
     if not ended and len(headers) < MAX_HEADERS:
         # A cut last line still names a header if its colon arrived.
         _add_header(headers, tail.rstrip("\r"))
-    parsed = _result("", "", None, headers, not ended, ua_parse)
-    return tuple(getattr(parsed, name) for name in _HEADER_FIELD_NAMES)
+    return _header_facts(headers, not ended, ua_parse)
 
 
 def _add_header(headers: list[tuple[str, str]], line: str) -> None:
@@ -205,22 +230,14 @@ def _add_header(headers: list[tuple[str, str]], line: str) -> None:
     headers.append((name.lower(), value.strip()[:MAX_FIELD_CHARS]))
 
 
-def _result(
-    method: str,
-    path: str,
-    version: str | None,
-    headers: list[tuple[str, str]],
-    truncated: bool,
-    ua_parse: bool,
-) -> HttpFingerprint:
+def _header_facts(
+    headers: list[tuple[str, str]], truncated: bool, ua_parse: bool
+) -> HeaderBlock:
     first: dict[str, str] = {}
     for name, value in headers:
         first.setdefault(name, value)
     user_agent = first.get("user-agent")
-    return HttpFingerprint(
-        method=method,
-        path=path,
-        version=version,
+    return HeaderBlock(
         header_names=tuple(name for name, _ in headers),
         has_cookie="cookie" in first,
         has_referer="referer" in first,
