@@ -998,9 +998,10 @@ class FeatureStore:
         return self._compute(st, key, now)
 
     def vector(self, key: ClusterKey, now: float) -> np.ndarray:
-        """features() as float64 in FEATURE_NAMES order."""
+        """features() as float64 in FEATURE_NAMES order: the order its dict is
+        in, as it starts from a copy of FEATURE_DEFAULTS and adds no key."""
         values = self.features(key, now)
-        return np.array([values[name] for name in FEATURE_NAMES], dtype=np.float64)
+        return np.fromiter(values.values(), dtype=np.float64, count=len(FEATURE_NAMES))
 
     def matrix(self, keys: Iterable[ClusterKey], now: float) -> np.ndarray:
         """One row per key, columns in FEATURE_NAMES order."""
