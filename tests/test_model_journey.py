@@ -110,3 +110,21 @@ def test_fit_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="at least 10"):
         JourneyModel().fit([["GET /"]] * 3)
     assert math.isfinite(JourneyModel().fit([["GET /", "GET /cart"]] * 12).ll_typical_)
+
+
+def test_findings_are_remembered_per_fitted_state_and_handed_out_as_copies() -> None:
+    """A session stops growing at the engine's 32 steps and is judged again at
+    each rescoring: its findings are kept, for the model as fitted."""
+    odd = ["GET /", "GET /checkout", "POST /orders"]
+    people = [c.steps for c in trained().baseline_humans[:300]]
+    model = JourneyModel().fit(people)
+    first = model.findings(odd)
+    assert [f.reason.code for f in first] == ["checkout_without_cart"]
+    points = first[0].reason.points
+    first.clear()  # the caller's list is its own
+    assert [f.reason.points for f in model.findings(odd)] == [points]
+    # Refitted on sessions that check out without a cart as often as not, the
+    # same session is judged anew: it is far less unusual for this host.
+    model.fit(people + [odd] * len(people))
+    again = [f for f in model.findings(odd) if f.reason.code == "checkout_without_cart"]
+    assert again and again[0].reason.points < points / 1.5

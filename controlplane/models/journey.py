@@ -64,6 +64,14 @@ def step(method: str, route: str) -> str:
 _PROBABILITIES: weakref.WeakKeyDictionary[JourneyModel, dict[tuple[str, str, str], float]] = (
     weakref.WeakKeyDictionary()
 )
+# The same for whole sessions' findings: a session stops growing at the
+# engine's STEPS_KEPT steps, and a client is scored again and again on it.
+_SessionFindings = dict[tuple[object, ...], tuple[Finding, ...]]
+_FINDINGS: weakref.WeakKeyDictionary[JourneyModel, _SessionFindings] = weakref.WeakKeyDictionary()
+# Entries per model; past it a memo starts over. A session's entry holds its
+# steps and paths (about 1 KiB at 32 steps).
+PROBABILITY_MEMO_LIMIT = 200_000
+FINDINGS_MEMO_LIMIT = 16_384
 
 
 @functools.lru_cache(maxsize=8192)
@@ -242,7 +250,7 @@ class JourneyModel(BaseEstimator):
         key = (version, prev, token)
         p = cache.get(key)
         if p is None:
-            if len(cache) > 200_000:
+            if len(cache) > PROBABILITY_MEMO_LIMIT:
                 cache.clear()
             p = cache[key] = self._probability(prev, token)
         return p
@@ -289,7 +297,23 @@ class JourneyModel(BaseEstimator):
         enumeration: float | None = None,
     ) -> list[Finding]:
         ensure_fitted(self)
-        session = list(session)
+        memo = _FINDINGS.setdefault(self, {})
+        key = (
+            self.version_,
+            tuple(session),
+            None if paths is None else tuple(paths),
+            enumeration,
+        )
+        found = memo.get(key)
+        if found is None:
+            if len(memo) > FINDINGS_MEMO_LIMIT:
+                memo.clear()
+            found = memo[key] = tuple(self._findings(list(session), paths, enumeration))
+        return list(found)
+
+    def _findings(
+        self, session: list[str], paths: Sequence[str] | None, enumeration: float | None
+    ) -> list[Finding]:
         generic = [*self._improbable(session), *self._unseen(session)]
         specific = [
             *self._checkout_without_cart(session),
