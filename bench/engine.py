@@ -14,7 +14,9 @@
   write. Scoring runs every score_every_s, so this includes the wait for the
   tick.
 - Memory: tracemalloc's growth over 100,000 client addresses, each with a
-  SYN, three requests and a flow end, scored once, divided by 100,000.
+  SYN, three requests and a flow end, scored once, divided by 100,000. With
+  them, the pause of one full cyclic collection, as Python leaves it and as
+  the agent keeps it (controlplane.agent.freeze_long_lived).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 from scapy.all import IP, TCP, Ether, Raw, rdpcap
 
+from controlplane.agent import freeze_long_lived
 from controlplane.decisions import Action, Decision, TargetKind
 from controlplane.enforce import Enforcer
 from controlplane.engine import Engine
@@ -143,12 +146,27 @@ def memory_per_client() -> dict[str, Any]:
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     per_client = (after - before) / CLIENTS_FOR_MEMORY
+    # What a full cyclic collection costs with that many clients, the pause
+    # in which no event is processed; then as the agent keeps it.
+    started = time.perf_counter()
+    gc.collect()
+    full_s = time.perf_counter() - started
+    freeze_long_lived()
+    try:
+        started = time.perf_counter()
+        gc.collect()
+        frozen_s = time.perf_counter() - started
+    finally:
+        gc.unfreeze()
     return {
         "clients": CLIENTS_FOR_MEMORY,
         "bytes_total": after - before,
         "bytes_per_client": round(per_client),
         "target_bytes_per_client": 4096,
         "clients_scored": engine.stats.clients_scored,
+        "gc_tracked_objects": len(gc.get_objects()),
+        "full_collection_s": round(full_s, 4),
+        "full_collection_after_freeze_s": round(frozen_s, 4),
     }
 
 

@@ -19,6 +19,7 @@ Engine and the Enforcer, which are not thread-safe. The Store has its own lock.
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import math
@@ -80,6 +81,8 @@ TOKEN_FILE = "admin.token"
 FEEDBACK_ALLOW_TTL_S = 900.0
 MANUAL_RULE = "manual"
 EXPIRE_EVERY_S = 10.0
+# See freeze_long_lived().
+FREEZE_EVERY_S = 30.0
 POLL_MS = 100
 # A label on a JA4, a cluster or a CIDR teaches the models through the
 # addresses the engine knows under it, at most this many of them.
@@ -857,6 +860,7 @@ class Agent:
     def run(self, stop: Callable[[], bool]) -> None:
         """The engine loop, as Engine.run_live but under the control plane's lock."""
         engine, next_expiry = self.plane.engine, time.monotonic() + EXPIRE_EVERY_S
+        next_freeze = time.monotonic() + FREEZE_EVERY_S
         next_allow = time.monotonic() + self._allow_renew_s()
         next_snapshot = time.monotonic() + SNAPSHOT_EVERY_S
         next_tick = 0.0
@@ -885,6 +889,9 @@ class Agent:
                 with self.plane.lock:
                     self.plane._write_allow_list()
                 next_allow = time.monotonic() + self._allow_renew_s()
+            if time.monotonic() >= next_freeze:
+                freeze_long_lived()
+                next_freeze = time.monotonic() + FREEZE_EVERY_S
 
     def _allow_renew_s(self) -> float:
         return max(self.plane.policy_engine.policy.config.allow.ttl_s / 2, 1.0)
@@ -907,6 +914,24 @@ class Agent:
             remove_pins(self.settings.pin_dir)
             log.info("removed the pinned verdict maps in %s", self.settings.pin_dir)
         self.plane.close()
+
+
+def freeze_long_lived() -> None:
+    """Moves every object that survived this far out of the cyclic collector's
+    generations (gc.freeze), after collecting the young ones.
+
+    The engine keeps about 13 container objects per client for as long as it
+    tracks the client: 1.3 million at 100,000 clients, which one full
+    collection walks in about 0.7 s (bench/results/engine.json), with no event
+    processed and no verdict written meanwhile; building up to that many
+    clients took eight of them. Frozen objects are never walked. What they
+    hold is still freed by reference counting when the engine forgets a
+    client: its state forms no reference cycles (tests/test_agent_gc.py), so
+    freezing it loses nothing. Only cyclic garbage already old at a freeze
+    would stay, and the young collection just before catches nearly all of it.
+    """
+    gc.collect(1)
+    gc.freeze()
 
 
 # ---- command line ----
