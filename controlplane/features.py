@@ -1029,17 +1029,16 @@ class FeatureStore:
         if members is None:
             return 0.0
         if isinstance(members, str):
-            recent = [members] if st.last_seen >= since else []
-        else:
-            recent = [a for a, seen in members.items() if seen >= since]
-        if not recent:
-            return 0.0
-        new = 0
-        for addr_s in recent:
-            own = self._states.get((KIND_ADDR, addr_s))
-            if own is None or own.first_seen >= since:
-                new += 1
-        return new / len(recent)
+            members = {members: st.last_seen}
+        states = self._states
+        recent = new = 0
+        for addr_s, seen in members.items():  # up to max_members: one pass
+            if seen >= since:
+                recent += 1
+                own = states.get((KIND_ADDR, addr_s))
+                if own is None or own.first_seen >= since:
+                    new += 1
+        return new / recent if recent else 0.0
 
     def _compute(self, st: _KeyState, key: ClusterKey, now: float) -> dict[str, float]:
         c = st.c
@@ -1215,10 +1214,10 @@ def _cv(n: float, total: float, squares: float) -> float:
 def _entropy(weights: Iterable[float]) -> float:
     """Shannon entropy in bits of a histogram of non-negative weights."""
     values = [w for w in weights if w > 0.0]
-    total = sum(values)
     if len(values) < 2:
         return 0.0
-    return max(-sum(w / total * math.log2(w / total) for w in values), 0.0)
+    total = sum(values)
+    return max(-sum([w / total * math.log2(w / total) for w in values]), 0.0)
 
 
 def _hll_estimate(registers: np.ndarray) -> float:
