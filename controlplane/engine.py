@@ -445,10 +445,11 @@ class Engine:
             self._cluster_risks[key] = risk
             self.risks[key] = risk
             if risk.score >= MIN_SCORE_TO_DECIDE:
+                shares = self.features.member_features
                 members = tuple(
                     m
                     for m in sorted(self.features.members(key))
-                    if takes_part(partial(self._features_now, ("addr", m), now), key, risk)
+                    if takes_part(partial(shares, ("addr", m), now), key, risk)
                 )
                 ctx = DecisionContext(
                     members=members,
@@ -719,9 +720,7 @@ class Engine:
 BROAD_KINDS = frozenset({"tcp", "prefix"})
 
 
-def takes_part(
-    member: Callable[[], Mapping[str, float]], key: ClusterKey, campaign: Risk
-) -> bool:
+def takes_part(member: Callable[[], Mapping[str, float]], key: ClusterKey, campaign: Risk) -> bool:
     """Whether one address's own behaviour is part of a cluster's campaign.
 
     A campaign is seen on a key many addresses share, and innocent clients may
@@ -729,8 +728,8 @@ def takes_part(
     JA4 is the same for all its users. A member inherits the campaign's risk,
     and its verdict, only if it does what the campaign does.
 
-    member: the address's features, asked for only where the campaign's kind
-    needs them (a tick asks this of up to 256 members of each campaign)."""
+    member: the address's features (features.MEMBER_FEATURES at least),
+    asked for only where the campaign's kind needs them."""
     code = campaign.reasons[0].code if campaign.reasons else ""
     if code == "credential_stuffing":
         features = member()

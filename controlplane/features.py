@@ -152,6 +152,10 @@ MIX_WINDOW_S: Final = 600.0
 FEATURE_DEFAULTS: Final[dict[str, float]] = {
     name: (MIX_WINDOW_S if name in ("gap_mean_s", "gap_min_s") else 0.0) for name in FEATURE_NAMES
 }
+# What a campaign's members are told apart by (FeatureStore.member_features).
+MEMBER_FEATURES: Final = (
+    "sensitive_share", "login_share", "login_error_share", "login_failure_share"
+)  # fmt: skip
 
 # ---- keys ----
 
@@ -998,6 +1002,20 @@ class FeatureStore:
             return dict(FEATURE_DEFAULTS)
         return self._compute(st, key, now)
 
+    def member_features(self, key: ClusterKey, now: float) -> dict[str, float]:
+        """Of features(), the MEMBER_FEATURES only: what a campaign's members
+        are told apart by (engine.takes_part), which a tick asks of up to
+        max_members addresses of each campaign. They are shares, so `now`
+        does not change them."""
+        f = {name: FEATURE_DEFAULTS[name] for name in MEMBER_FEATURES}
+        st = self._state(key)
+        if st is not None:
+            c = st.c
+            if len(c) < _N_COUNTERS:
+                c = c + _MORE_ZEROS
+            _member_shares(f, c)
+        return f
+
     def vector(self, key: ClusterKey, now: float) -> np.ndarray:
         """features() as float64 in FEATURE_NAMES order: the order its dict is
         in, as it starts from a copy of FEATURE_DEFAULTS and adds no key."""
@@ -1077,8 +1095,6 @@ class FeatureStore:
             f["distinct_routes"] = float(c[_REQ600] * d600 >= _DISTINCT_ROUTE_WEIGHT)
         if c[_REQ600] > 0.0:
             n = c[_REQ600]
-            f["sensitive_share"] = sum(c[_CLASS_SLOT[cls]] for cls in SENSITIVE_CLASSES) / n
-            f["login_share"] = c[_CLASS_SLOT[EndpointClass.LOGIN]] / n
             f["otp_share"] = c[_CLASS_SLOT[EndpointClass.OTP]] / n
             f["cart_share"] = c[_CLASS_SLOT[EndpointClass.CART]] / n
             f["checkout_share"] = c[_CLASS_SLOT[EndpointClass.CHECKOUT]] / n
@@ -1096,8 +1112,6 @@ class FeatureStore:
             f["status_404_share"] = c[_S404] / n
             f["status_429_share"] = c[_S429] / n
             f["status_4xx_share"] = c[_S4XX] / n
-        if c[_LOGIN_ANSWERED] > 0.0:
-            f["login_error_share"] = c[_LOGIN_ERRORS] / c[_LOGIN_ANSWERED]
 
         if c[_FLOW_N] > 0.0:
             n = c[_FLOW_N]
@@ -1110,9 +1124,7 @@ class FeatureStore:
         if c[_FGAP_N] > 0.0:
             f["flow_gap_cv"] = c[_FGAP_SUM] / c[_FGAP_N]
 
-        logins = c[_APP_OK] + c[_APP_FAIL]
-        if logins > 0.0:
-            f["login_failure_share"] = c[_APP_FAIL] / logins
+        _member_shares(f, c)
         f["login_failures_600s"] = c[_APP_FAIL] * d600
         f["otp_sends_600s"] = c[_APP_OTP] * d600
         f["cart_adds_600s"] = c[_APP_CART] * d600
@@ -1201,6 +1213,19 @@ def _prune_baseline(table: dict[str, float]) -> None:
     cut = sorted(table.values())[len(table) // 2]
     for fp in [fp for fp, v in table.items() if v < cut]:
         del table[fp]
+
+
+def _member_shares(f: dict[str, float], c: array[float]) -> None:
+    """The MEMBER_FEATURES of a key's counters (all _N_COUNTERS of them)."""
+    if c[_REQ600] > 0.0:
+        n = c[_REQ600]
+        f["sensitive_share"] = sum(c[_CLASS_SLOT[cls]] for cls in SENSITIVE_CLASSES) / n
+        f["login_share"] = c[_CLASS_SLOT[EndpointClass.LOGIN]] / n
+    if c[_LOGIN_ANSWERED] > 0.0:
+        f["login_error_share"] = c[_LOGIN_ERRORS] / c[_LOGIN_ANSWERED]
+    logins = c[_APP_OK] + c[_APP_FAIL]
+    if logins > 0.0:
+        f["login_failure_share"] = c[_APP_FAIL] / logins
 
 
 def _cv(n: float, total: float, squares: float) -> float:

@@ -18,6 +18,7 @@ from controlplane.features import (
     FEATURE_DESCRIPTIONS,
     FEATURE_EVIDENCE,
     FEATURE_NAMES,
+    MEMBER_FEATURES,
     FeatureStore,
     network_prefix,
 )
@@ -359,6 +360,29 @@ def test_application_events_count_per_address_and_reach_its_clusters() -> None:
 
     with pytest.raises(ValueError, match="login_failure"):
         store.observe_app_event(client, 40000, "login_fail", T0)
+
+
+def test_member_features_are_those_of_features_exactly() -> None:
+    """A campaign's members are judged on member_features: the same numbers
+    features() gives, for keys with and without requests, logins, answers
+    and application events."""
+    store = FeatureStore()
+    client = ip("198.51.100.7")
+    for i in range(6):
+        store.observe(request(T0 + i, path="/login" if i % 3 else "/products/1", status=401))
+    store.observe(request(T0 + 7, path="/otp/send", status=200))
+    store.observe_app_event(client, 40000, "login_failure", T0 + 8)
+    store.observe_app_event(client, 40000, "login_success", T0 + 8)
+    store.observe(connection(T0 + 9, client="203.0.113.9"))  # a key without requests
+    keys = [*store.keys(), ("ja4", "t13d0000h2_000000000000_000000000000")]  # and one unseen
+    for key in keys:
+        full = store.features(key, T0 + 10)
+        assert store.member_features(key, T0 + 10) == {n: full[n] for n in MEMBER_FEATURES}
+    shares = store.member_features(addr(), T0 + 10)
+    # shares of decayed sums: requests a few seconds apart weigh nearly alike
+    assert shares["login_share"] == pytest.approx(4 / 7, rel=1e-3)
+    assert shares["login_failure_share"] == 0.5
+    assert shares["login_error_share"] == 1.0
 
 
 # ---- connections and flows ----
