@@ -3,6 +3,11 @@
 A benchmark module is any bench/*.py with a run() -> dict; its result goes where the
 module's RESULTS names, or to bench/results/<module>.json. One that fails is reported
 and the others still run; the exit status says whether all succeeded.
+
+Each module runs in a Python process of its own (`python -m bench.run NAME`): one
+benchmark's leftovers (a heap of 100,000 clients' objects, filled caches, loaded
+programs) would otherwise weigh on the next one's figures, as they would on no
+real agent's.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -42,21 +48,26 @@ def run_one(name: str) -> Path:
     return path
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    if argv:  # one module, in this process
+        (name,) = argv
+        try:
+            path = run_one(name)
+        except Exception:
+            traceback.print_exc()
+            return 1
+        print(f"wrote {path}", flush=True)
+        return 0
     failed = []
     for name in benchmark_modules():
         print(f"== bench/{name}.py", flush=True)
-        try:
-            path = run_one(name)
-        except Exception:  # one broken benchmark must not hide the others' results
-            traceback.print_exc()
+        # One broken benchmark must not hide the others' results.
+        if subprocess.run([sys.executable, "-m", "bench.run", name], check=False).returncode:
             failed.append(name)
-        else:
-            print(f"wrote {path}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
